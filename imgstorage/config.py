@@ -1,0 +1,156 @@
+"""Node configuration: ``/etc/imgstorage.conf`` or the file in ``IMGSTORAGE_CONF``.
+
+The file is JSON: one object (the original tools wrote a list holding one
+object; that is accepted too).  Every key is checked here, once, so that a
+daemon with a bad configuration refuses to start with one line naming the key
+instead of failing later in the middle of an operation.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+from urllib.parse import urlparse
+
+from . import naming
+from .errors import ConfigError, ValidationError
+
+DEFAULT_PATH = "/etc/imgstorage.conf"
+ENV_VAR = "IMGSTORAGE_CONF"
+DEFAULT_EXCHANGE = "rocks.vm-manage"
+
+KNOWN_KEYS = {
+    "name", "broker_url", "exchange", "db", "frontend_db", "backend", "sim_root",
+    "network", "default_pool", "img_sync_workers", "transport", "log_file",
+    "admin_users", "chap", "timeout",
+}
+
+
+@dataclass
+class Config:
+    """A checked node configuration.  ``path`` says where it came from."""
+
+    path: str
+    name: Optional[str] = None
+    broker_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    exchange: str = DEFAULT_EXCHANGE
+    db: Optional[str] = None
+    frontend_db: Optional[str] = None
+    backend: str = "real"
+    sim_root: Optional[str] = None
+    network: Optional[str] = None
+    default_pool: Optional[str] = None
+    img_sync_workers: int = 8
+    transport: str = "ssh"
+    log_file: Optional[str] = None
+    admin_users: Optional[List[str]] = None
+    chap: bool = True
+    timeout: float = 60.0
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def require(self, *keys: str) -> None:
+        """Fail with one line for the first of ``keys`` that is not set."""
+        for key in keys:
+            if getattr(self, key) in (None, ""):
+                raise ConfigError(f"{self.path}: missing key '{key}'")
+
+    @property
+    def broker_user(self) -> str:
+        return urlparse(self.broker_url).username or "guest"
+
+
+def _bad(path: str, key: str, why: str) -> ConfigError:
+    return ConfigError(f"{path}: invalid key '{key}': {why}")
+
+
+def config_path(explicit: Optional[str] = None) -> str:
+    return explicit or os.environ.get(ENV_VAR) or DEFAULT_PATH
+
+
+def load(explicit: Optional[str] = None) -> Config:
+    """Read and check the configuration; raise ConfigError naming the bad key."""
+    path = config_path(explicit)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found (set {ENV_VAR} to use another)") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    if isinstance(data, list) and len(data) == 1:
+        data = data[0]
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return from_dict(data, path)
+
+
+def from_dict(data: Dict[str, Any], path: str = "<config>") -> Config:
+    cfg = Config(path=path)
+    for key, value in data.items():
+        if key not in KNOWN_KEYS:
+            cfg.extra[key] = value
+            continue
+        if value is None:
+            continue
+        setattr(cfg, key, _check(path, key, value))
+    if cfg.backend == "sim" and not cfg.sim_root:
+        raise ConfigError(f"{path}: missing key 'sim_root' (required when backend is \"sim\")")
+    return cfg
+
+
+def _check(path: str, key: str, value: Any) -> Any:
+    try:
+        if key == "name":
+            return naming.host_name(value)
+        if key == "network":
+            if not isinstance(value, str) or (value and not naming._HOST_RE.match(value)):
+                raise ValidationError("expected a network name such as 'ibnet'")
+            return value or None
+        if key == "default_pool":
+            return naming.zpool_name(value)
+        if key == "broker_url":
+            if not isinstance(value, str):
+                raise ValidationError("expected a string")
+            url = urlparse(value)
+            if url.scheme not in ("amqp", "amqps") or not url.hostname:
+                raise ValidationError("expected amqp://user:pass@host:5672/vhost")
+            return value
+        if key == "exchange":
+            if not isinstance(value, str) or not value or len(value) > 255:
+                raise ValidationError("expected an exchange name")
+            return value
+        if key in ("db", "frontend_db", "sim_root", "log_file"):
+            if not isinstance(value, str) or not value:
+                raise ValidationError("expected a file path")
+            return value
+        if key == "backend":
+            if value not in ("real", "sim"):
+                raise ValidationError('expected "real" or "sim"')
+            return value
+        if key == "transport":
+            if value not in ("ssh", "tcp"):
+                raise ValidationError('expected "ssh" or "tcp"')
+            return value
+        if key == "img_sync_workers":
+            n = naming.non_negative_int(key, value, allow_none=False, minimum=1)
+            if n > 256:
+                raise ValidationError("at most 256")
+            return n
+        if key == "admin_users":
+            if not isinstance(value, list) or not all(isinstance(u, str) and u for u in value):
+                raise ValidationError("expected a list of broker user names")
+            return value
+        if key == "chap":
+            return naming.parse_bool(value, key)
+        if key == "timeout":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValidationError("expected a positive number of seconds")
+            return float(value)
+    except ValidationError as exc:
+        raise _bad(path, key, str(exc)) from None
+    raise AssertionError(key)  # pragma: no cover - KNOWN_KEYS and _check agree

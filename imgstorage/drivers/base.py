@@ -1,0 +1,146 @@
+"""The small interfaces between imgstorage and the kernel.
+
+One protocol per subsystem, each with a real implementation (the tools and
+libraries a production node has) and a simulated one that keeps real bytes
+under ``sim_root`` so a whole cluster can run on one machine.  Services only
+ever see these protocols.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Protocol, runtime_checkable
+
+
+# --------------------------------------------------------------------- ZFS
+@dataclass(frozen=True)
+class ZvolInfo:
+    """One volume as ``zfs list -Hp -t volume`` reports it."""
+    name: str            # "pool/vol"
+    volsize: int         # bytes
+    used: int = 0        # bytes
+    refer: int = 0       # bytes
+
+    @property
+    def pool(self) -> str:
+        return self.name.split("/", 1)[0]
+
+    @property
+    def zvol(self) -> str:
+        return self.name.rsplit("/", 1)[-1]
+
+
+@runtime_checkable
+class ZfsDriver(Protocol):
+    def pool_exists(self, pool: str) -> bool: ...
+    def list_pools(self) -> List[str]: ...
+    def list_zvols(self, pool: Optional[str] = None) -> List[ZvolInfo]: ...
+    def get_zvol(self, pool: str, zvol: str) -> Optional[ZvolInfo]: ...
+    def create_zvol(self, pool: str, zvol: str, size_bytes: int, sparse: bool = False) -> None: ...
+    def destroy(self, pool: str, zvol: str, recursive: bool = True) -> None: ...
+    def device_path(self, pool: str, zvol: str) -> str: ...
+
+
+# ------------------------------------------------------------ iSCSI target
+@dataclass
+class TargetInfo:
+    iqn: str
+    device: Optional[str] = None                         # backing block device
+    acls: List[str] = field(default_factory=list)        # initiator IQNs admitted
+    tid: Optional[int] = None                            # tgt only
+
+
+@runtime_checkable
+class TargetDriver(Protocol):
+    def create_target(self, iqn: str, device: str, initiator: str,
+                      chap: Optional["ChapCredentials"] = None) -> None: ...
+    def delete_target(self, iqn: str) -> None: ...
+    def list_targets(self) -> List[TargetInfo]: ...
+
+
+@dataclass(frozen=True)
+class ChapCredentials:
+    userid: str
+    password: str
+
+
+# --------------------------------------------------------- iSCSI initiator
+@dataclass(frozen=True)
+class DiscoveredTarget:
+    portal: str          # "10.2.20.250:3260"
+    tpgt: int
+    iqn: str
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    iqn: str
+    portal: Optional[str] = None
+    device: Optional[str] = None   # "sdc", once the kernel attached the disk
+    sid: Optional[int] = None
+
+
+@runtime_checkable
+class InitiatorDriver(Protocol):
+    def initiator_name(self) -> str: ...
+    def discover(self, portal: str) -> List[DiscoveredTarget]: ...
+    def login(self, iqn: str, portal: str, chap: Optional[ChapCredentials] = None) -> None: ...
+    def logout(self, iqn: str, portal: Optional[str] = None) -> None: ...
+    def sessions(self) -> List[SessionInfo]: ...
+
+
+# ----------------------------------------------------------- device mapper
+@dataclass(frozen=True)
+class DmStatus:
+    """One line of ``dmsetup status``: ``name: start length type args...``."""
+    name: str
+    start: int
+    length: int          # sectors
+    target_type: str     # snapshot | snapshot-merge | linear | ...
+    args: str = ""       # the rest of the line, exactly as the kernel printed it
+
+    def snapshot_figures(self) -> Optional[tuple]:
+        """``(allocated, total, metadata)`` sectors for snapshot targets."""
+        if self.target_type not in ("snapshot", "snapshot-merge"):
+            return None
+        parts = self.args.split()
+        if len(parts) < 2 or "/" not in parts[0]:
+            return None
+        try:
+            alloc, total = (int(x) for x in parts[0].split("/", 1))
+            return alloc, total, int(parts[1])
+        except ValueError:
+            return None
+
+
+@runtime_checkable
+class DeviceMapperDriver(Protocol):
+    def create(self, name: str, table: str) -> None: ...
+    def reload(self, name: str, table: str) -> None: ...
+    def suspend(self, name: str) -> None: ...
+    def resume(self, name: str) -> None: ...
+    def remove(self, name: str) -> None: ...
+    def status(self, name: Optional[str] = None) -> List[DmStatus]: ...
+    def table(self, name: str) -> str: ...
+    def exists(self, name: str) -> bool: ...
+
+
+# ------------------------------------------------------------ block layer
+@runtime_checkable
+class BlockDevices(Protocol):
+    def size_bytes(self, device: str) -> int: ...
+    def in_use(self, device: str) -> bool: ...
+
+
+# -------------------------------------------------------------- hypervisor
+@dataclass(frozen=True)
+class DomainInfo:
+    name: str
+    state: str                      # "running" | "shut off"
+    disks: tuple = ()               # block devices in use
+
+
+@runtime_checkable
+class HypervisorDriver(Protocol):
+    def start(self, host: str, vm: str, disk: str, memory_mb: int, cpus: int) -> None: ...
+    def stop(self, host: str, vm: str) -> None: ...
+    def domains(self, host: str) -> List[DomainInfo]: ...

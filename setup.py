@@ -1,0 +1,28 @@
+"""Packaging for imgstorage: VM disks on ZFS NAS servers, exported over iSCSI."""
+from setuptools import find_packages, setup
+
+setup(
+    name="imgstorage",
+    version="0.1.0",
+    description="VM disk images on ZFS NAS servers, exported over iSCSI and synced to VM containers",
+    long_description=open("README.rst", encoding="utf-8").read(),
+    long_description_content_type="text/x-rst",
+    python_requires=">=3.9",
+    packages=find_packages(include=["imgstorage", "imgstorage.*", "admin", "admin.*"]),
+    install_requires=[
+        "pika>=1.3",
+        "SQLAlchemy>=2.0",
+        "click>=8.0",
+        "rtslib-fb>=2.1",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+    entry_points={
+        "console_scripts": [
+            "img-storage-nas=imgstorage.nas.main:main",
+            "img-storage-vm=imgstorage.vm.main:main",
+            "rocks=imgstorage.frontend.cli:main",
+            "imgstorage=imgstorage.frontend.cli:main",
+            "imgstorage-sim=imgstorage.drivers.sim.cli:main",
+        ],
+    },
+)
