@@ -24,7 +24,7 @@ DEFAULT_EXCHANGE = "rocks.vm-manage"
 KNOWN_KEYS = {
     "name", "broker_url", "exchange", "db", "frontend_db", "backend", "sim_root",
     "network", "default_pool", "img_sync_workers", "transport", "log_file",
-    "admin_users", "chap", "timeout",
+    "admin_users", "chap", "timeout", "target",
 }
 
 
@@ -48,6 +48,7 @@ class Config:
     admin_users: Optional[List[str]] = None
     chap: bool = True
     timeout: float = 60.0
+    target: str = "lio"
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def require(self, *keys: str) -> None:
@@ -131,6 +132,10 @@ def _check(path: str, key: str, value: Any) -> Any:
         if key == "backend":
             if value not in ("real", "sim"):
                 raise ValidationError('expected "real" or "sim"')
+            return value
+        if key == "target":
+            if value not in ("lio", "tgt"):
+                raise ValidationError('expected "lio" or "tgt"')
             return value
         if key == "transport":
             if value not in ("ssh", "tcp"):

@@ -1,0 +1,159 @@
+"""What both daemons share: logging, signals, the worker pools and dispatch.
+
+The broker connection's thread only decodes and dispatches; every handler runs
+on a worker so a slow zvol never blocks the message loop or another zvol.
+Quick read-only actions get their own small pool so a listing still answers
+while every worker is busy copying disks.
+"""
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import signal
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Dict, Iterable, Optional
+
+from . import protocol
+from .config import Config
+from .errors import ImgStorageError
+from .messaging import Consumer, Envelope, Responder
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Envelope], Optional[dict]]
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(config: Config, debug: bool = False, stream=None) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    if config.log_file:
+        from pathlib import Path
+        Path(config.log_file).parent.mkdir(parents=True, exist_ok=True)
+        handler: logging.Handler = logging.handlers.WatchedFileHandler(config.log_file)
+    else:
+        handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    logging.getLogger("pika").setLevel(logging.WARNING)
+
+
+class Daemon:
+    """Route each request to its handler on a worker and send the reply."""
+
+    def __init__(self, config: Config, handlers: Dict[str, Handler],
+                 quick_actions: Iterable[str] = (), workers: Optional[int] = None):
+        self.config = config
+        self.handlers = handlers
+        self.quick_actions = set(quick_actions)
+        self.work_pool = ThreadPoolExecutor(max_workers=workers or config.img_sync_workers,
+                                            thread_name_prefix="work")
+        self.quick_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="quick")
+        self._inflight = 0
+        self._inflight_lock = threading.Lock()
+        self.consumer = Consumer(config, self.dispatch, on_connected=self.on_connected,
+                                 busy=lambda: self._inflight > 0)
+
+    def on_connected(self) -> None:
+        """Hook for subclasses; runs on every (re)connection."""
+
+    def dispatch(self, env: Optional[Envelope], responder: Responder,
+                 decode_error: Optional[str]) -> None:
+        if env is None:
+            log.warning("rejected a message: %s", decode_error)
+            responder.reply(protocol.error(None, decode_error or "malformed message"))
+            responder.done()
+            return
+        if env.expired:
+            log.warning("dropped %s %s: its caller stopped waiting before it could run",
+                        env.action, env.message_id)
+            responder.done()
+            return
+        handler = self.handlers.get(env.action)
+        if handler is None:
+            log.warning("rejected unknown action %r from %s", env.action, env.user_id)
+            responder.reply(protocol.error(env.action, f"unknown action: {env.action[:80]}"))
+            responder.done()
+            return
+        pool = self.quick_pool if env.action in self.quick_actions else self.work_pool
+        with self._inflight_lock:
+            self._inflight += 1
+        pool.submit(self._run, handler, env, responder)
+
+    def _run(self, handler: Handler, env: Envelope, responder: Responder) -> None:
+        reply: Optional[dict]
+        try:
+            reply = handler(env)
+        except ImgStorageError as exc:
+            log.info("%s %s failed: %s", env.action, _subject(env), exc)
+            reply = protocol.error(env.action, str(exc))
+        except Exception as exc:  # a bug: keep serving, tell the caller, keep the traceback
+            log.exception("%s %s: unexpected error", env.action, _subject(env))
+            reply = protocol.error(env.action, f"internal error in {env.action}: {exc}")
+        try:
+            if reply is not None:
+                responder.reply(reply)
+        finally:
+            responder.done()
+            with self._inflight_lock:
+                self._inflight -= 1
+
+    def serve(self) -> int:
+        """Run until SIGTERM/SIGINT; in-flight work is allowed to finish."""
+        def _stop(signum, _frame) -> None:
+            log.info("received signal %d, stopping after in-flight work", signum)
+            self.consumer.stop()
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+        self.consumer.run_forever()
+        self.work_pool.shutdown(wait=True)
+        self.quick_pool.shutdown(wait=True)
+        return 0
+
+
+def _subject(env: Envelope) -> str:
+    zvol = env.body.get("zvol")
+    return f"of {zvol}" if isinstance(zvol, str) else ""
+
+
+def command_line(program: str, summary: str, build: Callable[[Config], Daemon],
+                 announce: Callable[[Config], None] = lambda cfg: None):
+    """The click command both daemons share: --config, --debug, --check-config."""
+    import click
+
+    from . import config as config_mod
+    from .errors import ConfigError
+
+    @click.command(name=program, help=summary,
+                   context_settings={"help_option_names": ["-h", "--help"]})
+    @click.option("--config", "config_path", metavar="PATH",
+                  help="Configuration file (default: $IMGSTORAGE_CONF or /etc/imgstorage.conf).")
+    @click.option("--debug", is_flag=True, help="Log every command and message.")
+    @click.option("--check-config", is_flag=True, help="Check the configuration and exit.")
+    def cli(config_path: Optional[str], debug: bool, check_config: bool) -> None:
+        try:
+            cfg = config_mod.load(config_path)
+            cfg.require("name", "db", "broker_url")
+        except ConfigError as exc:
+            click.echo(f"{program}: {exc}", err=True)
+            sys.exit(2)
+        if check_config:
+            click.echo(f"{cfg.path}: configuration is valid")
+            return
+        setup_logging(cfg, debug)
+        try:
+            daemon = build(cfg)
+        except ImgStorageError as exc:
+            log.error("%s cannot start: %s", program, exc)
+            click.echo(f"{program}: {exc}", err=True)
+            sys.exit(1)
+        log.info("%s %s starting (backend %s, database %s)", program, cfg.name, cfg.backend, cfg.db)
+        announce(cfg)
+        sys.exit(daemon.serve())
+
+    return cli

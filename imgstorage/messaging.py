@@ -1,0 +1,367 @@
+"""Every AMQP call of the project: request/reply for callers, consuming for daemons.
+
+Callers (the CLI, and a NAS asking a VM container) publish to the direct
+exchange with the node name as routing key, ``mandatory`` and publisher
+confirms, so a request to a node that has no queue is returned at once
+(``no such node``) instead of vanishing.  Replies come back through RabbitMQ's
+direct reply-to pseudo-queue, so no queue is declared per call.  Each request
+carries an expiration equal to the caller's timeout and an ``x-deadline``
+header: a request nobody waits for any more is dropped by the broker or, if it
+was already delivered, by the daemon before it runs.
+
+Daemons consume a durable queue named after the node.  The message callback
+only hands the message to the daemon's dispatcher; replies and acks made from
+worker threads are marshalled back onto the connection's thread.  The consumer
+reconnects with backoff when the broker goes away.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional
+
+import pika
+import pika.exceptions
+
+from . import protocol
+from .config import Config
+from .errors import BrokerUnavailable, MessagingError, NoSuchNode, RemoteError, RpcTimeout
+
+log = logging.getLogger(__name__)
+
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+CONTENT_TYPE = "application/json"
+APP_ID = "imgstorage"
+
+
+def connection_parameters(config: Config, *, heartbeat: int = 60) -> pika.URLParameters:
+    params = pika.URLParameters(config.broker_url)
+    params.connection_attempts = 1
+    params.socket_timeout = 10
+    params.blocked_connection_timeout = 30
+    params.heartbeat = heartbeat
+    params.client_properties = {"connection_name": f"imgstorage:{config.name or 'cli'}"}
+    return params
+
+
+def _broker_label(config: Config) -> str:
+    params = pika.URLParameters(config.broker_url)
+    return f"{params.host}:{params.port}"
+
+
+def connect(config: Config) -> pika.BlockingConnection:
+    try:
+        return pika.BlockingConnection(connection_parameters(config))
+    except pika.exceptions.ProbableAuthenticationError:
+        raise BrokerUnavailable(f"the message broker at {_broker_label(config)} refused the "
+                                f"credentials of user '{config.broker_user}'") from None
+    except pika.exceptions.ProbableAccessDeniedError:
+        raise BrokerUnavailable(f"the message broker at {_broker_label(config)} denied access "
+                                f"to the virtual host of {config.broker_url.rsplit('/', 1)[-1]!r}") from None
+    except pika.exceptions.AMQPError as exc:
+        raise BrokerUnavailable(f"cannot reach the message broker at {_broker_label(config)}"
+                                f" ({type(exc).__name__})") from None
+    except OSError as exc:
+        raise BrokerUnavailable(f"cannot reach the message broker at {_broker_label(config)}: "
+                                f"{exc.strerror or exc}") from None
+
+
+def declare_exchange(channel, exchange: str) -> None:
+    channel.exchange_declare(exchange=exchange, exchange_type="direct", durable=True)
+
+
+# ----------------------------------------------------------------- callers
+class RpcClient:
+    """Request/reply over one connection; not thread-safe (one per thread or call)."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self._conn: Optional[pika.BlockingConnection] = None
+        self._channel = None
+        self._replies: Dict[str, Dict[str, Any]] = {}
+
+    def __enter__(self) -> "RpcClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _open(self):
+        if self._conn is not None and self._conn.is_open and self._channel is not None \
+                and self._channel.is_open:
+            return self._channel
+        self.close()
+        self._conn = connect(self.config)
+        try:
+            ch = self._conn.channel()
+            ch.confirm_delivery()
+            declare_exchange(ch, self.config.exchange)
+            ch.basic_consume(queue=DIRECT_REPLY_TO, on_message_callback=self._on_reply,
+                             auto_ack=True)
+        except pika.exceptions.AMQPError as exc:
+            self.close()
+            raise BrokerUnavailable(f"message broker error while preparing a request: {exc!r}") from None
+        self._channel = ch
+        return ch
+
+    def _on_reply(self, _ch, _method, props, body: bytes) -> None:
+        try:
+            reply = protocol.decode(body)
+        except Exception as exc:  # a reply we cannot read is still an answer
+            reply = {"action": "error", "status": "error", "error": f"unreadable reply: {exc}"}
+        if props.correlation_id:
+            self._replies[props.correlation_id] = reply
+
+    def _publish(self, node: str, message: Dict[str, Any], timeout: Optional[float],
+                 reply: bool) -> str:
+        ch = self._open()
+        message_id = uuid.uuid4().hex
+        headers: Dict[str, Any] = {}
+        expiration = None
+        if timeout is not None:
+            headers["x-deadline"] = time.time() + timeout
+            expiration = str(max(1, int(timeout * 1000)))
+        props = pika.BasicProperties(
+            content_type=CONTENT_TYPE, delivery_mode=1, message_id=message_id,
+            reply_to=DIRECT_REPLY_TO if reply else None, expiration=expiration,
+            timestamp=int(time.time()), app_id=APP_ID, user_id=self.config.broker_user,
+            headers=headers or None, type=message.get("action"))
+        try:
+            ch.basic_publish(exchange=self.config.exchange, routing_key=node,
+                             body=protocol.encode(message), properties=props, mandatory=True)
+        except pika.exceptions.UnroutableError:
+            raise NoSuchNode(node) from None
+        except pika.exceptions.NackError:
+            raise MessagingError(f"the message broker refused the request to {node}") from None
+        except pika.exceptions.AMQPError as exc:
+            self.close()
+            raise BrokerUnavailable(f"lost the message broker while sending to {node} "
+                                    f"({type(exc).__name__})") from None
+        return message_id
+
+    def call(self, node: str, message: Dict[str, Any], timeout: float) -> Dict[str, Any]:
+        """Send ``message`` to ``node`` and return its reply (which may be an error reply)."""
+        deadline = time.monotonic() + timeout
+        message_id = self._publish(node, message, timeout, reply=True)
+        while message_id not in self._replies:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RpcTimeout(node, timeout)
+            try:
+                self._conn.process_data_events(time_limit=min(remaining, 1.0))
+            except pika.exceptions.AMQPError as exc:
+                self.close()
+                raise BrokerUnavailable(f"lost the message broker while waiting for {node} "
+                                        f"({type(exc).__name__})") from None
+        return self._replies.pop(message_id)
+
+    def request(self, node: str, message: Dict[str, Any], timeout: float) -> Dict[str, Any]:
+        """Like call(), but an error reply raises RemoteError with the node's text."""
+        reply = self.call(node, message, timeout)
+        if reply.get("status") != "success":
+            raise RemoteError(node, str(message.get("action")),
+                              str(reply.get("error") or f"{node} reported an error"))
+        return reply
+
+    def notify(self, node: str, message: Dict[str, Any], timeout: Optional[float] = None) -> None:
+        """Send a message that expects no reply (still refused when unroutable)."""
+        self._publish(node, message, timeout, reply=False)
+
+    def close(self) -> None:
+        conn, self._conn, self._channel = self._conn, None, None
+        if conn is not None:
+            try:
+                if conn.is_open:
+                    conn.close()
+            except Exception:  # closing a dead connection must never mask the real error
+                pass
+
+
+# ----------------------------------------------------------------- daemons
+@dataclass
+class Envelope:
+    """One received message, with what a handler needs to answer it."""
+    action: str
+    body: Dict[str, Any]
+    message_id: Optional[str]
+    reply_to: Optional[str]
+    user_id: Optional[str]
+    deadline: Optional[float]          # wall-clock epoch, None = no deadline
+    redelivered: bool = False
+    received: float = field(default_factory=time.time)
+
+    def remaining(self, default: float) -> float:
+        """Seconds the caller still waits (``default`` if it set no deadline)."""
+        if self.deadline is None:
+            return default
+        return self.deadline - time.time()
+
+    @property
+    def expired(self) -> bool:
+        return self.deadline is not None and time.time() > self.deadline
+
+
+class Responder:
+    """Reply to and acknowledge one message from any thread."""
+
+    def __init__(self, consumer: "Consumer", generation: int, delivery_tag: int,
+                 reply_to: Optional[str], message_id: Optional[str]):
+        self._consumer = consumer
+        self._generation = generation
+        self._tag = delivery_tag
+        self._reply_to = reply_to
+        self._message_id = message_id
+        self._done = False
+
+    def reply(self, message: Dict[str, Any]) -> None:
+        if self._reply_to:
+            self._consumer.publish_reply(self._generation, self._reply_to, self._message_id, message)
+
+    def done(self) -> None:
+        if not self._done:
+            self._done = True
+            self._consumer.ack(self._generation, self._tag)
+
+
+Dispatcher = Callable[[Optional[Envelope], Responder, Optional[str]], None]
+
+
+class Consumer:
+    """Consume the node's queue forever, reconnecting with backoff."""
+
+    PREFETCH = 64
+
+    def __init__(self, config: Config, dispatch: Dispatcher,
+                 on_connected: Optional[Callable[[], None]] = None,
+                 busy: Optional[Callable[[], bool]] = None):
+        config.require("name")
+        self.config = config
+        self.queue = config.name
+        self.dispatch = dispatch
+        self.on_connected = on_connected
+        self.busy = busy or (lambda: False)
+        self._stop = threading.Event()
+        self._conn: Optional[pika.BlockingConnection] = None
+        self._channel = None
+        self._generation = 0
+        self.connected = threading.Event()
+
+    # -- called from any thread -------------------------------------------
+    def _threadsafe(self, generation: int, fn: Callable[[], None]) -> None:
+        conn = self._conn
+        if conn is None or generation != self._generation:
+            log.warning("connection to the broker was lost; a reply or acknowledgement is dropped")
+            return
+        try:
+            conn.add_callback_threadsafe(fn)
+        except Exception as exc:
+            log.warning("cannot hand work back to the broker connection: %r", exc)
+
+    def publish_reply(self, generation: int, reply_to: str, correlation_id: Optional[str],
+                      message: Dict[str, Any]) -> None:
+        def send() -> None:
+            if generation != self._generation or self._channel is None:
+                return
+            props = pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=1,
+                                         correlation_id=correlation_id, app_id=APP_ID,
+                                         timestamp=int(time.time()),
+                                         user_id=self.config.broker_user)
+            try:
+                self._channel.basic_publish(exchange="", routing_key=reply_to,
+                                            body=protocol.encode(message), properties=props)
+            except pika.exceptions.AMQPError as exc:
+                log.warning("could not send reply to %s: %r", reply_to, exc)
+        self._threadsafe(generation, send)
+
+    def ack(self, generation: int, tag: int) -> None:
+        def send() -> None:
+            if generation != self._generation or self._channel is None:
+                return
+            try:
+                self._channel.basic_ack(delivery_tag=tag)
+            except pika.exceptions.AMQPError as exc:
+                log.warning("could not acknowledge message: %r", exc)
+        self._threadsafe(generation, send)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- the connection's thread -------------------------------------------
+    def _on_message(self, _ch, method, props, body: bytes) -> None:
+        responder = Responder(self, self._generation, method.delivery_tag, props.reply_to,
+                              props.message_id)
+        try:
+            msg = protocol.decode(body)
+        except Exception as exc:
+            self.dispatch(None, responder, str(exc))
+            return
+        headers = props.headers or {}
+        deadline = headers.get("x-deadline")
+        if not isinstance(deadline, (int, float)) or isinstance(deadline, bool):
+            deadline = None
+        env = Envelope(action=msg["action"], body=msg, message_id=props.message_id,
+                       reply_to=props.reply_to, user_id=props.user_id, deadline=deadline,
+                       redelivered=bool(method.redelivered))
+        self.dispatch(env, responder, None)
+
+    def _setup(self) -> None:
+        self._conn = connect(self.config)
+        self._generation += 1
+        ch = self._conn.channel()
+        declare_exchange(ch, self.config.exchange)
+        ch.queue_declare(queue=self.queue, durable=True)
+        ch.queue_bind(queue=self.queue, exchange=self.config.exchange, routing_key=self.queue)
+        ch.basic_qos(prefetch_count=self.PREFETCH)
+        self._consumer_tag = ch.basic_consume(queue=self.queue,
+                                              on_message_callback=self._on_message)
+        self._channel = ch
+
+    def run_forever(self) -> None:
+        """Serve until stop(); a lost broker is retried with backoff (1 s .. 30 s)."""
+        delay = 1.0
+        first = True
+        while not self._stop.is_set():
+            try:
+                self._setup()
+            except (MessagingError, pika.exceptions.AMQPError) as exc:
+                log.warning("%s; retrying in %.0f s", exc, delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            log.info("%s to the message broker; consuming queue %s",
+                     "connected" if first else "reconnected", self.queue)
+            first = False
+            delay = 1.0
+            self.connected.set()
+            if self.on_connected:
+                self.on_connected()
+            try:
+                while not self._stop.is_set():
+                    self._conn.process_data_events(time_limit=0.5)
+                self._drain()
+            except pika.exceptions.AMQPError as exc:
+                log.warning("lost the message broker (%s); reconnecting", type(exc).__name__)
+            finally:
+                self.connected.clear()
+                self._close()
+        log.info("stopped consuming queue %s", self.queue)
+
+    def _drain(self, limit: float = 600.0) -> None:
+        """Stop taking messages, but keep the connection while work in flight replies."""
+        self._channel.basic_cancel(self._consumer_tag)
+        deadline = time.monotonic() + limit
+        while self.busy() and time.monotonic() < deadline:
+            self._conn.process_data_events(time_limit=0.2)
+        self._conn.process_data_events(time_limit=0)
+
+    def _close(self) -> None:
+        conn, self._conn, self._channel = self._conn, None, None
+        if conn is not None:
+            try:
+                if conn.is_open:
+                    conn.close()
+            except Exception:
+                pass

@@ -1,0 +1,103 @@
+"""NAS message handlers: validate, take the zvol's lock, call the service, reply."""
+from __future__ import annotations
+
+from typing import Dict
+
+from .. import naming, protocol
+from ..errors import ValidationError
+from ..messaging import Envelope
+from ..protocol import field, optional_name
+from .service import NasService
+
+QUICK = {"list_zvols", "get_zvol_attrs", "get_attrs", "ping"}
+
+
+def build(service: NasService) -> Dict[str, object]:
+    store = service.store
+    default_timeout = service.config.timeout
+
+    def locked(env: Envelope, zvol: str):
+        return store.locked(zvol, env.action, env.message_id, env.user_id)
+
+    def map_zvol(env: Envelope) -> dict:
+        m = env.body
+        zvol = field(m, "zvol", naming.zvol_name)
+        zpool = field(m, "zpool", naming.zpool_name)
+        remotehost = field(m, "remotehost", naming.host_name)
+        size = field(m, "size", naming.size_gb)
+        remotepool = field(m, "remotepool", optional_name(naming.zpool_name), required=False)
+        sync = field(m, "sync", protocol.bool_field, required=False, default=False)
+        with locked(env, zvol):
+            out = service.map_zvol(zvol, zpool, remotehost, size, remotepool, sync,
+                                   env.remaining(default_timeout) - 0.5)
+        return protocol.success("map_zvol", **out)
+
+    def unmap_zvol(env: Envelope) -> dict:
+        zvol = field(env.body, "zvol", naming.zvol_name)
+        with locked(env, zvol):
+            service.unmap_zvol(zvol, max(1.0, env.remaining(default_timeout) - 0.5))
+        return protocol.success("unmap_zvol", zvol=zvol)
+
+    def del_zvol(env: Envelope) -> dict:
+        zvol = field(env.body, "zvol", naming.zvol_name)
+        zpool = field(env.body, "zpool", naming.zpool_name)
+        with locked(env, zvol):
+            service.del_zvol(zvol, zpool)
+        return protocol.success("del_zvol", zvol=zvol)
+
+    def list_zvols(env: Envelope) -> dict:
+        return protocol.success("list_zvols", body=service.list_zvols())
+
+    def get_zvol_attrs(env: Envelope) -> dict:
+        zvol = field(env.body, "zvol", naming.zvol_name)
+        return protocol.success("get_zvol_attrs", body=service.get_zvol_attrs(zvol))
+
+    def set_zvol_attrs(env: Envelope) -> dict:
+        m = env.body
+        zvol = field(m, "zvol", naming.zvol_name)
+        attrs = m.get("attrs")
+        if attrs is None:  # the original put the attributes at the top level
+            attrs = {k: m[k] for k in protocol.ZVOL_ATTRS if k in m}
+        if not isinstance(attrs, dict) or not attrs:
+            raise ValidationError("set_zvol_attrs needs 'attrs': {name: value}")
+        values = {}
+        for key, value in attrs.items():
+            if key not in protocol.ZVOL_ATTRS:
+                raise ValidationError(f"unknown zvol attribute {str(key)[:60]!r}: use one of "
+                                      + ", ".join(protocol.ZVOL_ATTRS))
+            values[key] = naming.non_negative_int(key, value,
+                                                  minimum=1 if key == "frequency" else 0)
+        with locked(env, zvol):
+            store.set_zvol_attrs(zvol, values)
+        return protocol.success("set_zvol_attrs", zvol=zvol)
+
+    def get_attrs(env: Envelope) -> dict:
+        return protocol.success("get_attrs", attrs=store.attrs())
+
+    def set_attrs(env: Envelope) -> dict:
+        attrs = env.body.get("attrs")
+        if not isinstance(attrs, dict) or not attrs:
+            raise ValidationError("set_attrs needs 'attrs': {name: value}")
+        values = {naming.attr_name(k): naming.attr_value(v) for k, v in attrs.items()}
+        for key in ("frequency", "uploadspeed", "downloadspeed"):
+            if key in values:
+                naming.non_negative_int(key, values[key], minimum=1 if key == "frequency" else 0)
+        store.set_attrs(values)
+        return protocol.success("set_attrs")
+
+    def del_attrs(env: Envelope) -> dict:
+        names = env.body.get("attrs")
+        if not isinstance(names, list) or not names:
+            raise ValidationError("del_attrs needs 'attrs': [names]")
+        store.del_attrs([naming.attr_name(n) for n in names])
+        return protocol.success("del_attrs")
+
+    def ping(env: Envelope) -> dict:
+        return protocol.success("ping", node=service.name, role="nas")
+
+    return {
+        "map_zvol": map_zvol, "unmap_zvol": unmap_zvol, "del_zvol": del_zvol,
+        "list_zvols": list_zvols, "get_zvol_attrs": get_zvol_attrs,
+        "set_zvol_attrs": set_zvol_attrs, "get_attrs": get_attrs, "set_attrs": set_attrs,
+        "del_attrs": del_attrs, "ping": ping,
+    }

@@ -1,0 +1,41 @@
+"""``img-storage-nas``: the NAS daemon (runs in the foreground; init scripts daemonise it)."""
+from __future__ import annotations
+
+import logging
+
+from ..config import Config
+from ..daemon import Daemon, command_line
+from ..db import create_schema, make_engine
+from ..drivers import node_drivers
+from . import handlers
+from .models import Base
+from .service import NasService
+from .store import NasStore
+
+log = logging.getLogger("imgstorage.nas")
+
+
+def build_daemon(cfg: Config) -> Daemon:
+    engine = make_engine(cfg.db)
+    create_schema(engine, Base)
+    store = NasStore(engine)
+    store.ensure_defaults()
+    service = NasService(cfg, store, node_drivers(cfg, target_kind=cfg.target))
+    return Daemon(cfg, handlers.build(service), quick_actions=handlers.QUICK)
+
+
+def _announce(cfg: Config) -> None:
+    if not cfg.admin_users:
+        log.info("admin_users is not set: management requests are accepted from any broker user")
+
+
+cli = command_line(
+    "img-storage-nas",
+    "Serve the NAS side of imgstorage: zvols, iSCSI targets and their mappings.\n\n"
+    "Consumes this node's queue on the broker named in the configuration and runs in the "
+    "foreground until SIGTERM, letting work in flight finish.",
+    build_daemon, _announce)
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,208 @@
+"""What the NAS does for each request, written against drivers and the store.
+
+Every path that changes something first records the state transition, then
+touches the kernel, then records the outcome; a failure part-way rolls the
+kernel back (the target is removed, the container is told to let go) so a
+failed map never leaves a zvol that later maps refuse as "already mapped".
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from typing import Callable, ContextManager, Dict, List, Optional
+
+from .. import naming
+from ..config import Config
+from ..drivers import NodeDrivers
+from ..drivers.base import ChapCredentials
+from ..drivers.resolver import host_known, network_name
+from ..errors import ImgStorageError, NotFoundError, StateError, ValidationError
+from ..messaging import RpcClient
+from .states import Event, State, display
+from .store import NasStore
+
+log = logging.getLogger(__name__)
+
+RpcFactory = Callable[[], ContextManager[RpcClient]]
+
+
+class NasService:
+    def __init__(self, config: Config, store: NasStore, drivers: NodeDrivers,
+                 rpc_factory: Optional[RpcFactory] = None):
+        self.config = config
+        self.store = store
+        self.drivers = drivers
+        self.rpc_factory = rpc_factory or (lambda: RpcClient(config))
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def portal(self) -> str:
+        """The name a container uses to reach this NAS (the storage network's, if any)."""
+        return network_name(self.config, self.name) or self.name
+
+    # -- map ----------------------------------------------------------------
+    def map_zvol(self, zvol: str, zpool: str, remotehost: str, size_gb: int,
+                 remotepool: Optional[str], sync: bool, timeout: float) -> Dict:
+        row = self.store.get(zvol)
+        if row is not None:
+            if row.zpool != zpool:
+                raise ValidationError(f"ZVol {zvol} is in zpool {row.zpool}, not {zpool}")
+            if row.state == State.MAPPED.value:
+                if row.remotehost == remotehost and bool(row.sync) == sync:
+                    log.info("zvol %s is already mapped to %s; answering with its device",
+                             zvol, remotehost)
+                    return {"bdev": row.bdev, "target": row.iscsi_target}
+                raise StateError(f"Error when mapping zvol: {zvol} is already mapped to {row.remotehost}")
+            if row.state != State.UNMAPPED.value:
+                raise StateError(f"ZVol {zvol} is {row.state}; it cannot be mapped now")
+        if sync:
+            raise ValidationError("sync mode (img_sync=true) is not available in this version")
+        if not host_known(self.config, remotehost):
+            raise NotFoundError(f"Host {remotehost} is unknown")
+        if not self.drivers.zfs.pool_exists(zpool):
+            raise NotFoundError(f"cannot create '{zpool}/{zvol}': no such pool '{zpool}'")
+
+        size_bytes = size_gb * naming.GIB
+        info = self.drivers.zfs.get_zvol(zpool, zvol)
+        if info is None:
+            self.drivers.zfs.create_zvol(zpool, zvol, size_bytes)
+            log.info("created zvol %s/%s of %d GB", zpool, zvol, size_gb)
+        else:
+            size_bytes = info.volsize
+        if row is None:
+            self.store.add(zvol, zpool, size_bytes)
+
+        target = naming.target_iqn(self.name, zvol)
+        chap = self._new_chap() if self.config.chap else None
+        started = time.monotonic()
+        self.store.transition(zvol, Event.MAP, remotehost=remotehost, remotepool=remotepool,
+                              sync=sync, iscsi_target=target, size_bytes=size_bytes,
+                              chap_user=chap.userid if chap else None,
+                              chap_secret=chap.password if chap else None, last_error=None)
+        target_made = False
+        try:
+            deadline = time.monotonic() + timeout
+            with self.rpc_factory() as rpc:
+                initiator = rpc.request(remotehost, {"action": "initiator_name"},
+                                        _left(deadline))["initiator"]
+                initiator = naming.iqn(initiator)
+                self.drivers.target.create_target(
+                    target, self.drivers.zfs.device_path(zpool, zvol), initiator, chap)
+                target_made = True
+                message = {"action": "map_zvol", "target": target, "nas": self.portal(),
+                           "zvol": zvol, "size": size_gb, "sync": sync,
+                           "remotehost": remotehost, "remotepool": remotepool}
+                if chap:
+                    message["chap"] = {"userid": chap.userid, "password": chap.password}
+                reply = rpc.call(remotehost, message, _left(deadline))
+            if reply.get("status") != "success":
+                raise ImgStorageError("Error attaching iSCSI target to compute node: "
+                                      f"{reply.get('error', 'unknown error')}")
+            bdev = reply.get("bdev")
+            if not isinstance(bdev, str) or not bdev.startswith("/dev/"):
+                raise ImgStorageError(f"compute node {remotehost} answered without a block device")
+        except Exception as exc:
+            self._rollback_map(zvol, target if target_made else None, exc)
+            raise
+        self.store.transition(zvol, Event.ATTACHED, bdev=bdev, initiator=initiator)
+        log.info("mapped %s to %s:%s in %.2fs", zvol, remotehost, bdev, time.monotonic() - started)
+        return {"bdev": bdev, "target": target}
+
+    def _rollback_map(self, zvol: str, target: Optional[str], exc: Exception) -> None:
+        log.warning("mapping %s failed (%s); rolling back", zvol, exc)
+        if target:
+            try:
+                self.drivers.target.delete_target(target)
+            except ImgStorageError as err:
+                log.error("could not remove target %s after a failed map: %s", target, err)
+        self.store.transition(zvol, Event.FAILED, remotehost=None, remotepool=None,
+                              iscsi_target=None, bdev=None, chap_user=None, chap_secret=None,
+                              last_error=str(exc)[:1000])
+
+    @staticmethod
+    def _new_chap() -> ChapCredentials:
+        # LIO and open-iscsi take 12..16 character secrets everywhere.
+        return ChapCredentials(userid="imgstorage-" + secrets.token_hex(4),
+                               password=secrets.token_urlsafe(12)[:16])
+
+    # -- unmap --------------------------------------------------------------
+    def unmap_zvol(self, zvol: str, timeout: float) -> Dict:
+        row = self.store.require(zvol)
+        if row.state == State.UNMAPPED.value:
+            raise StateError(f"ZVol {zvol} is not mapped")
+        if row.state != State.MAPPED.value:
+            raise StateError(f"ZVol {zvol} is {row.state}; it cannot be unmapped now")
+        self.store.transition(zvol, Event.UNMAP)
+        try:
+            with self.rpc_factory() as rpc:
+                reply = rpc.call(row.remotehost, {"action": "unmap_zvol", "zvol": zvol,
+                                                  "target": row.iscsi_target}, timeout)
+            if reply.get("status") != "success":
+                raise ImgStorageError("Error detaching iSCSI target from compute node: "
+                                      f"{reply.get('error', 'unknown error')}")
+        except Exception as exc:
+            self.store.transition(zvol, Event.FAILED, last_error=str(exc)[:1000])
+            raise
+        if row.iscsi_target:
+            self.drivers.target.delete_target(row.iscsi_target)
+        self.store.transition(zvol, Event.DETACHED, remotehost=None, remotepool=None,
+                              iscsi_target=None, bdev=None, initiator=None, chap_user=None,
+                              chap_secret=None, last_error=None)
+        return {}
+
+    # -- delete -------------------------------------------------------------
+    def del_zvol(self, zvol: str, zpool: str) -> Dict:
+        row = self.store.require(zvol)
+        if row.zpool != zpool:
+            raise ValidationError(f"ZVol {zvol} is in zpool {row.zpool}, not {zpool}")
+        if row.state != State.UNMAPPED.value:
+            raise StateError(f"Error deleting zvol {zvol}: is mapped")
+        self.store.transition(zvol, Event.DELETE)
+        try:
+            if self.drivers.zfs.get_zvol(zpool, zvol) is not None:
+                self.drivers.zfs.destroy(zpool, zvol, recursive=True)
+        except Exception as exc:
+            self.store.transition(zvol, Event.FAILED, last_error=str(exc)[:1000])
+            raise
+        self.store.transition(zvol, Event.DELETED)
+        return {}
+
+    # -- listings -----------------------------------------------------------
+    def list_zvols(self) -> List[Dict]:
+        locks = {lock.zvol: lock for lock in self.store.locks()}
+        rows = []
+        for z in self.store.all():
+            attrs = self.store.zvol_attrs(z.zvol)
+            rows.append({
+                "zvol": z.zvol, "zpool": z.zpool, "iscsi_target": z.iscsi_target,
+                "remotehost": z.remotehost, "remotepool": z.remotepool,
+                "state": display(z.state), "lifecycle": z.state, "sync": bool(z.sync),
+                "size": (z.size_bytes // naming.GIB) if z.size_bytes else None,
+                "bdev": z.bdev, "time": None, "progress": None, "rate": None,
+                "is_sending": None, "is_delete_remote": None,
+                "nextsync": attrs.nextsync if attrs else None,
+                "frequency": attrs.frequency if attrs else None,
+                "locked": z.zvol in locks,
+                "lock": ({"action": locks[z.zvol].action, "since": locks[z.zvol].since}
+                         if z.zvol in locks else None),
+                "error": z.last_error,
+            })
+        return rows
+
+    def get_zvol_attrs(self, zvol: str) -> Dict:
+        self.store.require(zvol)
+        attrs = self.store.zvol_attrs(zvol)
+        body = {"zvol": zvol}
+        for key in ("frequency", "nextsync", "uploadspeed", "downloadspeed"):
+            body[key] = getattr(attrs, key) if attrs else None
+        return body
+
+
+def _left(deadline: float) -> float:
+    """Time left for the next hop; a hop always gets at least a second."""
+    return max(1.0, deadline - time.monotonic())
+
+

@@ -1,0 +1,137 @@
+"""Database operations of the NAS: locks and state transitions, each its own transaction."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import contextmanager
+from typing import Iterator, List, Optional
+
+from sqlalchemy import Engine, delete, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from ..errors import BusyError, NotFoundError
+from .models import Attr, Lock, Zvol, ZvolAttr
+from .states import Event, next_state
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ATTRS = {"frequency": "300"}
+
+
+class NasStore:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def session(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    def ensure_defaults(self) -> None:
+        with self.session() as s, s.begin():
+            for attr, value in DEFAULT_ATTRS.items():
+                if s.get(Attr, attr) is None:
+                    s.add(Attr(attr=attr, value=value))
+
+    # -- locks --------------------------------------------------------------
+    def lock(self, zvol: str, action: str, owner: Optional[str], caller: Optional[str]) -> None:
+        try:
+            with self.session() as s, s.begin():
+                s.add(Lock(zvol=zvol, action=action, owner=owner, caller=caller,
+                           since=time.time(), pid=os.getpid()))
+        except IntegrityError:
+            raise BusyError(f"ZVol {zvol} is busy") from None
+
+    def unlock(self, zvol: str) -> None:
+        with self.session() as s, s.begin():
+            s.execute(delete(Lock).where(Lock.zvol == zvol))
+
+    @contextmanager
+    def locked(self, zvol: str, action: str, owner: Optional[str],
+               caller: Optional[str]) -> Iterator[None]:
+        self.lock(zvol, action, owner, caller)
+        try:
+            yield
+        finally:
+            self.unlock(zvol)
+
+    def locks(self) -> List[Lock]:
+        with self.session() as s:
+            return list(s.scalars(select(Lock).order_by(Lock.since)))
+
+    # -- zvols --------------------------------------------------------------
+    def get(self, zvol: str) -> Optional[Zvol]:
+        with self.session() as s:
+            return s.get(Zvol, zvol)
+
+    def require(self, zvol: str) -> Zvol:
+        row = self.get(zvol)
+        if row is None:
+            raise NotFoundError(f"ZVol {zvol} not found in database")
+        return row
+
+    def all(self) -> List[Zvol]:
+        with self.session() as s:
+            return list(s.scalars(select(Zvol).order_by(Zvol.zvol)))
+
+    def add(self, zvol: str, zpool: str, size_bytes: Optional[int]) -> Zvol:
+        with self.session() as s, s.begin():
+            row = Zvol(zvol=zvol, zpool=zpool, size_bytes=size_bytes, state="unmapped",
+                       sync=False, state_since=time.time())
+            s.add(row)
+        return row
+
+    def transition(self, zvol: str, event: Event, **fields) -> Optional[Zvol]:
+        """Apply a state machine event and the given column updates atomically."""
+        with self.session() as s, s.begin():
+            row = s.get(Zvol, zvol)
+            if row is None:
+                raise NotFoundError(f"ZVol {zvol} not found in database")
+            old = row.state
+            new = next_state(old, event)
+            if new is None:
+                s.delete(row)
+                log.info("zvol %s: %s -> (removed) after %.1fs", zvol, old,
+                         time.time() - row.state_since)
+                return None
+            for key, value in fields.items():
+                setattr(row, key, value)
+            row.state = new.value
+            duration = time.time() - row.state_since
+            row.state_since = time.time()
+            log.info("zvol %s: %s -> %s on %s (%s in %s for %.1fs)", zvol, old, new.value,
+                     event.value, row.remotehost or "no host", old, duration)
+            return row
+
+    # -- attributes ---------------------------------------------------------
+    def attrs(self) -> dict:
+        with self.session() as s:
+            return {a.attr: a.value for a in s.scalars(select(Attr).order_by(Attr.attr))}
+
+    def set_attrs(self, values: dict) -> None:
+        with self.session() as s, s.begin():
+            for attr, value in values.items():
+                row = s.get(Attr, attr)
+                if row is None:
+                    s.add(Attr(attr=attr, value=value))
+                else:
+                    row.value = value
+
+    def del_attrs(self, names: List[str]) -> None:
+        with self.session() as s, s.begin():
+            s.execute(delete(Attr).where(Attr.attr.in_(names)))
+
+    def zvol_attrs(self, zvol: str) -> Optional[ZvolAttr]:
+        with self.session() as s:
+            return s.get(ZvolAttr, zvol)
+
+    def set_zvol_attrs(self, zvol: str, values: dict) -> None:
+        with self.session() as s, s.begin():
+            if s.get(Zvol, zvol) is None:
+                raise NotFoundError(f"ZVol {zvol} not found in database")
+            row = s.get(ZvolAttr, zvol)
+            if row is None:
+                row = ZvolAttr(zvol=zvol)
+                s.add(row)
+            for key, value in values.items():
+                setattr(row, key, value)
