@@ -68,7 +68,7 @@ def host_name(value: Any) -> str:
 
 def attr_name(value: Any) -> str:
     value = _check_str("attribute name", value)
-    if not _ATTR_RE.match(value):
+    if ".." in value or not _ATTR_RE.match(value):
         raise ValidationError(f"invalid attribute name {_show(value)}")
     return value
 

@@ -39,3 +39,7 @@ cli = command_line(
 
 def main() -> None:
     cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -28,3 +28,7 @@ cli = command_line(
 
 def main() -> None:
     cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Integration fixtures: the real broker (a fresh vhost per cluster) and real daemon processes."""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+import pytest
+
+from imgstorage.config import from_dict
+from imgstorage.messaging import RpcClient
+from imgstorage.simcluster import SimCluster, broker_url, broker_vhost
+
+
+@pytest.fixture(scope="module")
+def vhost():
+    with broker_vhost(f"imgstorage-test-{os.getpid()}-{uuid.uuid4().hex[:8]}") as name:
+        yield name
+
+
+def _cluster(tmp_path_factory, vhost, **kw):
+    cluster = SimCluster(tmp_path_factory.mktemp("cluster"), broker_url(vhost), **kw)
+    assert cluster.make_pools() == cluster.nas
+    cluster.start()
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, vhost):
+    """A NAS (nas-0-0, pool tank) and two VM containers, registered on the frontend."""
+    c = _cluster(tmp_path_factory, vhost)
+    for args in (["add", "host", "nas-0-0", "appliance=nas"],
+                 ["add", "host", "vm-container-0-14", "appliance=vm-container"],
+                 ["add", "host", "compute-0-3", "appliance=vm-container"],
+                 ["set", "host", "attr", "nas-0-0", "img_zpools", "tank"]):
+        proc = c.rocks(*args)
+        assert proc.returncode == 0, proc.stderr
+    yield c
+    c.stop_all()
+
+
+@pytest.fixture
+def rpc(cluster):
+    cfg = from_dict(json.loads(cluster.config_path("frontend").read_text()))
+    with RpcClient(cfg) as client:
+        yield client
+
+
+def ok(proc) -> str:
+    """The stdout of a command that must have succeeded."""
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stderr.decode() == ""
+    return proc.stdout.decode()
+
+
+def fails(proc, text: str) -> str:
+    """The one error line of a command that must have failed with ``text``."""
+    err = proc.stderr.decode()
+    assert proc.returncode != 0, (proc.stdout, err)
+    assert text in err, err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
