@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""The imgstorage demo: a NAS and two VM containers on the simulated kernel.
+
+Starts the three daemons as real processes against the local RabbitMQ broker
+(in their own vhost), then replays the operator's sessions of the manual with
+the real commands, printing each command and what it printed.  The bytes a VM
+writes are real: at the end they are read back from the NAS's zvol.
+
+Run it through scripts/demo, which installs what it needs first.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from imgstorage.simcluster import SimCluster, broker_url, broker_vhost
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Demo:
+    def __init__(self, cluster: SimCluster):
+        self.c = cluster
+        self.failures = 0
+
+    def say(self, text: str) -> None:
+        print(f"\n=== {text}")
+
+    def shell(self, tool: str, *args: str, expect_ok: bool = True, input: bytes = None) -> str:
+        shown = {"rocks": "rocks", "sim": "imgstorage-sim"}[tool]
+        print(f"# {shown} {' '.join(_quote(a) for a in args)}")
+        proc = self.c.run(tool, *args, input=input)
+        out, err = proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
+        if out.strip():
+            print(out.rstrip("\n"))
+        if err.strip():
+            print(err.rstrip("\n"))
+        if (proc.returncode == 0) != expect_ok:
+            self.failures += 1
+            print(f"!!! unexpected exit status {proc.returncode}")
+        return out
+
+    def rocks(self, *args: str, expect_ok: bool = True) -> str:
+        return self.shell("rocks", *args, expect_ok=expect_ok)
+
+
+def _quote(arg: str) -> str:
+    return f'"{arg}"' if (" " in arg or not arg) else arg
+
+
+def run(demo: Demo) -> None:
+    d = demo
+    d.say("The cluster: one NAS with pool 'tank', two VM containers")
+    d.rocks("add", "host", "nas-0-0", "appliance=nas")
+    d.rocks("add", "host", "vm-container-0-14", "appliance=vm-container")
+    d.rocks("add", "host", "compute-0-3", "appliance=vm-container")
+    d.rocks("set", "host", "attr", "nas-0-0", "img_zpools", "value=tank")
+    d.rocks("list", "host")
+    d.shell("sim", "zfs", "list", "--host", "nas-0-0")
+
+    d.say("Enable a remote virtual disk for a VM (direct iSCSI mode)")
+    d.rocks("add", "host", "vm", "vm-container-0-14", "compute", "disksize=36")
+    d.rocks("add", "host", "vm", "vm-container-0-14", "compute", "disksize=10")
+    d.rocks("set", "host", "vm", "nas", "compute-0-14-0", "nas=nas-0-0", "zpool=tank")
+    d.rocks("set", "host", "vm", "nas", "compute-0-14-1", "nas=nas-0-0")
+    d.rocks("list", "host", "vm", "nas")
+    out = d.rocks("start", "host", "vm", "compute-0-14-0")
+    bdev = out.strip().rsplit(":", 1)[-1] if "mapped to" in out else "/dev/sdb"
+    d.rocks("start", "host", "vm", "compute-0-14-1")
+    d.rocks("list", "host", "vm")
+    d.shell("sim", "zfs", "list", "--host", "nas-0-0")
+    d.rocks("list", "host", "storagemap", "nas-0-0")
+    d.rocks("list", "host", "storagedev", "vm-container-0-14")
+
+    d.say("The VM writes to its disk; the bytes land in the NAS's zvol")
+    payload = f"written by compute-0-14-0 at {time.strftime('%H:%M:%S')}\n".encode()
+    d.shell("sim", "write", "--host", "vm-container-0-14", bdev, "--offset", "1048576",
+            input=payload)
+    d.rocks("stop", "host", "vm", "compute-0-14-0")
+    d.rocks("list", "host", "storagemap", "nas-0-0")
+    back = d.shell("sim", "read", "--host", "nas-0-0", "/dev/zvol/tank/compute-0-14-0-vol",
+                   "--offset", "1048576", "--length", str(len(payload)))
+    if back.encode() != payload:
+        d.failures += 1
+        print("!!! the NAS does not hold what the VM wrote")
+    else:
+        print("(the NAS holds exactly the bytes the VM wrote)")
+
+    d.say("Manual storage maps")
+    d.rocks("add", "host", "storagemap", "nas-0-0", "tank", "vol1", "compute-0-3", "10")
+    d.rocks("list", "host", "storagemap", "nas-0-0")
+    d.rocks("list", "host", "storagedev", "compute-0-3")
+    d.rocks("add", "host", "storagemap", "nas-0-0", "tank", "vol1", "vm-container-0-14", "10",
+            expect_ok=False)
+    d.rocks("remove", "host", "storageimg", "nas-0-0", "tank", "vol1", expect_ok=False)
+    d.rocks("remove", "host", "storagemap", "nas-0-0", "vol1")
+    d.rocks("remove", "host", "storageimg", "nas-0-0", "tank", "vol1")
+    d.rocks("list", "host", "storagemap", "nas-0-0")
+
+    d.say("Attributes")
+    d.rocks("set", "host", "storageattr", "nas-0-0", "uploadspeed", "50000000")
+    d.rocks("list", "host", "storageattr", "nas-0-0")
+    d.rocks("set", "host", "zvolattr", "nas-0-0", "compute-0-14-1-vol", "frequency", "600")
+    d.rocks("list", "host", "zvolattr", "nas-0-0", "compute-0-14-1-vol")
+
+    d.say("Bad input gets one clear line and changes nothing")
+    d.rocks("add", "host", "storagemap", "nas-0-0", "tank", "../etc", "compute-0-3", "10",
+            expect_ok=False)
+    d.rocks("add", "host", "storagemap", "nas-0-0", "tank", "vol2", "compute-0-3", "-5",
+            expect_ok=False)
+    d.rocks("add", "host", "storagemap", "nas-0-0", "tank", "vol2", "no-such-host", "5",
+            expect_ok=False)
+    d.rocks("add", "host", "storagemap", "nas-0-0", "nopool", "vol2", "compute-0-3", "5",
+            expect_ok=False)
+    d.rocks("list", "host", "storagemap", "nas-0-9", expect_ok=False)
+
+    d.say("Stop the last VM")
+    d.rocks("stop", "host", "vm", "compute-0-14-1")
+    d.rocks("list", "host", "storagemap", "nas-0-0")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default=str(ROOT / "demo-run"),
+                        help="where configurations, databases, logs and simulated disks go")
+    parser.add_argument("--vhost", default="imgstorage-demo", help="broker virtual host to use")
+    args = parser.parse_args()
+    workdir = Path(args.workdir)
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    print(f"imgstorage demo: work folder {workdir} (logs in {workdir / 'log'}), "
+          f"broker vhost {args.vhost}")
+    with broker_vhost(args.vhost):
+        cluster = SimCluster(workdir, broker_url(args.vhost))
+        cluster.make_pools()
+        cluster.start()
+        demo = Demo(cluster)
+        try:
+            run(demo)
+        finally:
+            cluster.stop_all()
+    if demo.failures:
+        print(f"\ndemo finished with {demo.failures} unexpected result(s); see {workdir / 'log'}")
+        return 1
+    print("\ndemo finished: every command behaved as expected")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
