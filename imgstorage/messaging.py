@@ -5,7 +5,7 @@ exchange with the node name as routing key, ``mandatory`` and publisher
 confirms, so a request to a node that has no queue is returned at once
 (``no such node``) instead of vanishing.  Replies come back through RabbitMQ's
 direct reply-to pseudo-queue, so no queue is declared per call.  Each request
-carries an expiration equal to the caller's timeout and an ``x-deadline``
+carries an expiration equal to the caller's timeout and an ``x-deadline-ms``
 header: a request nobody waits for any more is dropped by the broker or, if it
 was already delivered, by the daemon before it runs.
 
@@ -122,7 +122,7 @@ class RpcClient:
         headers: Dict[str, Any] = {}
         expiration = None
         if timeout is not None:
-            headers["x-deadline"] = time.time() + timeout
+            headers["x-deadline-ms"] = int((time.time() + timeout) * 1000)
             expiration = str(max(1, int(timeout * 1000)))
         props = pika.BasicProperties(
             content_type=CONTENT_TYPE, delivery_mode=1, message_id=message_id,
@@ -299,8 +299,10 @@ class Consumer:
             self.dispatch(None, responder, str(exc))
             return
         headers = props.headers or {}
-        deadline = headers.get("x-deadline")
-        if not isinstance(deadline, (int, float)) or isinstance(deadline, bool):
+        deadline = headers.get("x-deadline-ms")
+        if isinstance(deadline, int) and not isinstance(deadline, bool):
+            deadline = deadline / 1000.0
+        else:
             deadline = None
         env = Envelope(action=msg["action"], body=msg, message_id=props.message_id,
                        reply_to=props.reply_to, user_id=props.user_id, deadline=deadline,

@@ -26,22 +26,29 @@ def _cluster(tmp_path_factory, vhost, **kw):
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, vhost):
-    """A NAS (nas-0-0, pool tank) and two VM containers, registered on the frontend."""
+def daemons(tmp_path_factory, vhost):
+    """A NAS (nas-0-0, pool tank) and two VM containers running, nothing registered."""
     c = _cluster(tmp_path_factory, vhost)
+    yield c
+    c.stop_all()
+
+
+@pytest.fixture(scope="module")
+def cluster(daemons):
+    """The same nodes, registered on the frontend as an operator would."""
+    c = daemons
     for args in (["add", "host", "nas-0-0", "appliance=nas"],
                  ["add", "host", "vm-container-0-14", "appliance=vm-container"],
                  ["add", "host", "compute-0-3", "appliance=vm-container"],
                  ["set", "host", "attr", "nas-0-0", "img_zpools", "tank"]):
         proc = c.rocks(*args)
         assert proc.returncode == 0, proc.stderr
-    yield c
-    c.stop_all()
+    return c
 
 
 @pytest.fixture
-def rpc(cluster):
-    cfg = from_dict(json.loads(cluster.config_path("frontend").read_text()))
+def rpc(daemons):
+    cfg = from_dict(json.loads(daemons.config_path("frontend").read_text()))
     with RpcClient(cfg) as client:
         yield client
 

@@ -1,0 +1,97 @@
+"""The wire protocol against real daemons on the real broker, without the CLI."""
+from __future__ import annotations
+
+import time
+
+import pika
+import pytest
+
+from imgstorage.errors import NoSuchNode, RpcTimeout
+from imgstorage.messaging import DIRECT_REPLY_TO, connect
+
+
+def test_ping_every_node(rpc, daemons):
+    for node in daemons.nas + daemons.containers:
+        reply = rpc.request(node, {"action": "ping"}, timeout=10)
+        assert reply["node"] == node
+
+
+def test_unroutable_node_fails_at_once(rpc):
+    started = time.monotonic()
+    with pytest.raises(NoSuchNode, match="no such node: nas-9-9"):
+        rpc.call("nas-9-9", {"action": "list_zvols"}, timeout=30)
+    assert time.monotonic() - started < 10  # not the 30 s timeout
+
+
+def test_node_with_queue_but_no_daemon_times_out_naming_it(rpc, daemons):
+    ch = rpc._open()
+    ch.queue_declare(queue="ghost-0-0", durable=False, auto_delete=True)
+    ch.queue_bind(queue="ghost-0-0", exchange=daemons_exchange(), routing_key="ghost-0-0")
+    with pytest.raises(RpcTimeout, match="node ghost-0-0 did not answer within 1 s"):
+        rpc.call("ghost-0-0", {"action": "list_zvols"}, timeout=1)
+    # the request carried an expiration: the broker dropped it, nothing waits in the queue
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        declared = ch.queue_declare(queue="ghost-0-0", passive=True)
+        if declared.method.message_count == 0:
+            break
+        time.sleep(0.1)
+    assert declared.method.message_count == 0
+
+
+def daemons_exchange() -> str:
+    return "rocks.vm-manage"
+
+
+def raw_call(cfg, node: str, body: bytes, timeout: float = 10) -> dict:
+    """Publish raw bytes (not necessarily JSON) and wait for the reply."""
+    import json
+    conn = connect(cfg)
+    try:
+        ch = conn.channel()
+        replies = []
+        ch.basic_consume(DIRECT_REPLY_TO, lambda c, m, p, b: replies.append(b), auto_ack=True)
+        ch.basic_publish("rocks.vm-manage", node, body,
+                         pika.BasicProperties(reply_to=DIRECT_REPLY_TO, message_id="raw-1"))
+        deadline = time.monotonic() + timeout
+        while not replies and time.monotonic() < deadline:
+            conn.process_data_events(time_limit=0.2)
+        assert replies, "no reply"
+        return json.loads(replies[0])
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("node", ["nas-0-0", "compute-0-3"])
+@pytest.mark.parametrize("body,text", [
+    (b"{not json", "malformed JSON"),
+    (b"[1, 2]", "expected a JSON object"),
+    (b'{"action": "format_disk"}', "unknown action: format_disk"),
+    (b'{"action": "map_zvol", "zvol": "../etc", "zpool": "tank", "remotehost": "compute-0-3", "size": 1}',
+     "invalid zvol name"),
+    (b'{"action": "map_zvol", "zvol": "v", "zpool": "tank", "remotehost": "compute-0-3", "size": -1}',
+     None),
+])
+def test_bad_messages_get_an_error_reply_and_the_daemon_lives(rpc, daemons, node, body, text):
+    reply = raw_call(rpc.config, node, body)
+    assert reply["status"] == "error"
+    if text:
+        assert text in reply["error"]
+    assert rpc.request(node, {"action": "ping"}, timeout=10)["status"] == "success"
+
+
+def test_map_and_unmap_through_messages(rpc, daemons):
+    reply = rpc.request("nas-0-0", {"action": "map_zvol", "zvol": "msgvol", "zpool": "tank",
+                                    "remotehost": "compute-0-3", "size": 1}, timeout=30)
+    assert reply["action"] == "zvol_mapped" and reply["bdev"].startswith("/dev/sd")
+    rows = rpc.request("nas-0-0", {"action": "list_zvols"}, timeout=10)["body"]
+    row = next(r for r in rows if r["zvol"] == "msgvol")
+    assert (row["state"], row["remotehost"]) == ("mapped", "compute-0-3")
+    assert row["iscsi_target"] == "iqn.2001-04.com.nas-0-0-msgvol"
+    dev = rpc.request("compute-0-3", {"action": "list_dev"}, timeout=10)["body"]
+    assert dev["msgvol"]["bdev"] == reply["bdev"].rsplit("/", 1)[-1]
+    out = rpc.request("nas-0-0", {"action": "unmap_zvol", "zvol": "msgvol"}, timeout=30)
+    assert out["action"] == "zvol_unmapped"
+    rows = rpc.request("nas-0-0", {"action": "list_zvols"}, timeout=10)["body"]
+    assert next(r for r in rows if r["zvol"] == "msgvol")["state"] == "unmapped"
+    assert "msgvol" not in rpc.request("compute-0-3", {"action": "list_dev"}, timeout=10)["body"]
