@@ -33,23 +33,27 @@ class Runner:
 
     def run(self, argv: Sequence[str], *, input: Optional[str] = None,
             timeout: float = DEFAULT_TIMEOUT, check: bool = True,
-            env: Optional[Mapping[str, str]] = None) -> Result:
+            env: Optional[Mapping[str, str]] = None, redact: Sequence[str] = ()) -> Result:
+        """Run ``argv``; ``redact`` lists secrets (CHAP passwords) kept out of logs and errors."""
         argv = [str(a) for a in argv]
         if not argv:
             raise ValueError("empty command")
+        shown = [("********" if a in redact else a) for a in argv]
         started = time.monotonic()
         try:
             proc = subprocess.run(argv, input=input, capture_output=True, text=True,
                                   timeout=timeout, env=dict(env) if env is not None else None,
                                   check=False)
         except subprocess.TimeoutExpired as exc:
-            raise CommandError(argv, None, _text(exc.stderr), _text(exc.stdout), timed_out=True) from None
+            raise CommandError(shown, None, _scrub(exc.stderr, redact), _scrub(exc.stdout, redact),
+                               timed_out=True) from None
         except FileNotFoundError:
-            raise CommandError(argv, 127, f"{argv[0]}: command not found") from None
-        log.debug("ran %s -> %d in %.3fs", argv, proc.returncode, time.monotonic() - started)
+            raise CommandError(shown, 127, f"{argv[0]}: command not found") from None
+        log.debug("ran %s -> %d in %.3fs", shown, proc.returncode, time.monotonic() - started)
         result = Result(argv, proc.returncode, proc.stdout, proc.stderr)
         if check and proc.returncode != 0:
-            raise CommandError(argv, proc.returncode, proc.stderr, proc.stdout)
+            raise CommandError(shown, proc.returncode, _scrub(proc.stderr, redact),
+                               _scrub(proc.stdout, redact))
         return result
 
     def popen(self, argv: Sequence[str], **kwargs) -> subprocess.Popen:
@@ -57,6 +61,14 @@ class Runner:
         argv = [str(a) for a in argv]
         log.debug("starting %s", argv)
         return subprocess.Popen(argv, **kwargs)
+
+
+def _scrub(data, redact: Sequence[str]) -> str:
+    text = _text(data)
+    for secret in redact:
+        if secret:
+            text = text.replace(secret, "********")
+    return text
 
 
 def _text(data) -> str:

@@ -130,7 +130,7 @@ class Iscsiadm:
     def _update(self, node: List[str], key: str, value: str, secret: bool = False) -> None:
         argv = node + ["--op", "update", "-n", key, "-v", value]
         try:
-            self.runner.run(argv)
+            self.runner.run(argv, redact=[value] if secret else ())
         except CommandError as exc:
             if exc.returncode == ERR_NO_OBJECTS_FOUND:
                 raise DriverError(f"no iSCSI node record for {node[4]} at {node[6]}: "

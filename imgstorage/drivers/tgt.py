@@ -12,7 +12,7 @@ import logging
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from ..errors import CommandError, DriverError
 from ..runner import Runner
@@ -102,8 +102,9 @@ class TgtTarget:
         self.runner = runner
         self._lock = threading.Lock()
 
-    def _tgtadm(self, *args: object) -> str:
-        return self.runner.run(["tgtadm", "--lld", "iscsi", *[str(a) for a in args]]).stdout
+    def _tgtadm(self, *args: object, redact: Sequence[str] = ()) -> str:
+        return self.runner.run(["tgtadm", "--lld", "iscsi", *[str(a) for a in args]],
+                               redact=redact).stdout
 
     def show(self) -> List[TgtState]:
         return parse_show(self._tgtadm("--mode", "target", "--op", "show"))
@@ -152,14 +153,14 @@ class TgtTarget:
         new = ("--mode", "account", "--op", "new", "--user", chap.userid,
                "--password", chap.password)
         try:
-            self._tgtadm(*new)
+            self._tgtadm(*new, redact=[chap.password])
         except CommandError as exc:
             if "already exists" not in exc.stderr:
                 raise _without_secret(exc, chap) from None
             # tgt cannot change a password in place: replace the account.
             self._tgtadm("--op", "delete", "--mode", "account", "--user", chap.userid)
             try:
-                self._tgtadm(*new)
+                self._tgtadm(*new, redact=[chap.password])
             except CommandError as again:
                 raise _without_secret(again, chap) from None
         self._tgtadm("--op", "bind", "--mode", "account", "--tid", tid, "--user", chap.userid)

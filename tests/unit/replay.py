@@ -112,6 +112,7 @@ class ReplayRunner(Runner):
 
     expectations: List[_Expectation] = field(default_factory=list)
     calls: List[Call] = field(default_factory=list)
+    redacted: List[str] = field(default_factory=list)
 
     def expect(self, argv: Sequence[object], fixture: Optional[str] = None, *,
                stdout: str = "", stderr: str = "", returncode: int = 0,
@@ -137,8 +138,9 @@ class ReplayRunner(Runner):
 
     def run(self, argv: Sequence[str], *, input: Optional[str] = None,
             timeout: float = DEFAULT_TIMEOUT, check: bool = True,
-            env: Optional[Mapping[str, str]] = None) -> Result:
+            env: Optional[Mapping[str, str]] = None, redact: Sequence[str] = ()) -> Result:
         argv = [str(a) for a in argv]
+        self.redacted.extend(redact)
         self.calls.append(Call(argv, input, timeout, check, env))
         for expectation in self.expectations:
             if expectation.matches(argv):

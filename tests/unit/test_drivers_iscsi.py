@@ -214,3 +214,17 @@ def test_sessions_other_failures_are_errors():
 
 def test_implements_the_protocol():
     assert isinstance(Iscsiadm(ReplayRunner()), InitiatorDriver)
+
+
+def test_chap_password_is_marked_secret_for_the_runner():
+    from imgstorage.drivers.base import ChapCredentials
+    from imgstorage.drivers.iscsi import Iscsiadm
+    from .replay import ReplayRunner
+    iqn, portal = "iqn.2001-04.com.nas-0-0-vol1", "nas-0-0"
+    node = ["iscsiadm", "-m", "node", "-T", iqn, "-p", portal]
+    runner = ReplayRunner()
+    for key, value in (("authmethod", "CHAP"), ("username", "u1"), ("password", "s3cret-s3cret")):
+        runner.expect(node + ["--op", "update", "-n", f"node.session.auth.{key}", "-v", value])
+    runner.expect(node + ["--login"])
+    Iscsiadm(runner).login(iqn, portal, ChapCredentials("u1", "s3cret-s3cret"))
+    assert runner.redacted == ["s3cret-s3cret"]
