@@ -15,14 +15,14 @@ from .errors import ValidationError
 _NAME_MAX = 200
 # zvol, VM and generic object names: what ZFS allows in a dataset component,
 # minus the characters that mean something in a path or a shell.
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*\Z")
 # ZFS pool names must begin with a letter.
-_POOL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.:-]*$")
+_POOL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.:-]*\Z")
 # RFC 1123 host names, dotted labels allowed (compute-0-3.ibnet).
-_HOST_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-                      r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
-_ATTR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")
-_IQN_RE = re.compile(r"^iqn\.\d{4}-\d{2}\.[A-Za-z0-9.:_-]+$")
+_HOST_RE = re.compile(r"^(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                      r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z")
+_ATTR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}\Z")
+_IQN_RE = re.compile(r"^iqn\.\d{4}-\d{2}\.[A-Za-z0-9.:_-]+\Z")
 _RESERVED_POOL_NAMES = {"mirror", "raidz", "raidz1", "raidz2", "raidz3", "spare", "log", "cache"}
 
 GIB = 1 << 30

@@ -81,3 +81,12 @@ def test_non_negative_int():
         naming.non_negative_int("frequency", "0", minimum=1)
     with pytest.raises(ValidationError):
         naming.non_negative_int("x", "-3")
+
+
+@pytest.mark.parametrize("check", [naming.zvol_name, naming.zpool_name, naming.host_name,
+                                   naming.attr_name, naming.iqn])
+def test_trailing_newline_is_not_a_name(check):
+    good = "iqn.2001-04.com.nas-0-0-v" if check is naming.iqn else "vol1"
+    assert check(good) == good
+    with pytest.raises(ValidationError):
+        check(good + "\n")

@@ -1,0 +1,166 @@
+"""Simulated ZFS: a pool is a folder, a zvol a sparse file of its exact size.
+
+Layout under ``sim_root/<host>/zfs/``::
+
+    <pool>/.pool.json            the pool (size, creation); made by imgstorage-sim only
+    <pool>/<vol>/data            the zvol's bytes: a sparse file of volsize bytes
+    <pool>/<vol>/meta.json       volsize, volblocksize, sparse, creation
+    <pool>/<vol>/snapshots/      kept for snapshots (one entry per snapshot)
+
+Sparse files keep a 64 GiB volume free until written, as a thin zvol is.
+Errors carry the text the ``zfs`` command prints, because operators and the
+daemons' logs should read the same in the simulation as on a real NAS.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+from ...errors import DriverError
+from ..base import ZvolInfo
+from . import blockdev, state
+
+VOLBLOCKSIZE = 128 * 1024
+DEFAULT_POOL_SIZE = 1 << 40
+POOL_MARKER = ".pool.json"
+META = "meta.json"
+SNAPSHOTS = "snapshots"
+
+
+def create_pool(root: Union[str, Path], host: str, pool: str,
+                size: int = DEFAULT_POOL_SIZE) -> None:
+    """Make a pool; a pool belongs to the administrator, so no driver call does this."""
+    state.zpool_name(pool)
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise DriverError(f"cannot create '{pool}': invalid pool size {size!r}")
+    with state.subsystem_lock(root, host, "zfs"):
+        marker = state.pool_dir(root, host, pool) / POOL_MARKER
+        if marker.exists():
+            raise DriverError(f"cannot create '{pool}': pool already exists")
+        state.write_json(marker, {"size": size, "created": int(time.time())})
+
+
+def _allocated(path: Path) -> int:
+    return path.stat().st_blocks * 512
+
+
+class SimZfs:
+    """The ZfsDriver of one simulated host."""
+
+    def __init__(self, root: Union[str, Path], host: str):
+        self.root = Path(root)
+        self.host = state.sim_host(host)
+
+    # ------------------------------------------------------------- pools
+    def _pool_meta(self, pool: str) -> Optional[Dict]:
+        return state.read_json(state.pool_dir(self.root, self.host, pool) / POOL_MARKER)
+
+    def pool_exists(self, pool: str) -> bool:
+        return self._pool_meta(pool) is not None
+
+    def list_pools(self) -> List[str]:
+        top = state.subsystem_dir(self.root, self.host, "zfs")
+        if not top.is_dir():
+            return []
+        return sorted(p.name for p in top.iterdir() if (p / POOL_MARKER).is_file())
+
+    def pool_usage(self, pool: str) -> Dict[str, int]:
+        """``size``, ``used`` (allocated) and ``avail`` of a pool.
+
+        A thick zvol reserves its whole size, a sparse one only what it has
+        written, which is what decides whether another thick zvol still fits.
+        """
+        meta = self._pool_meta(pool)
+        if meta is None:
+            raise DriverError(f"cannot open '{pool}': no such pool")
+        used = reserved = 0
+        for info in self.list_zvols(pool):
+            used += info.used
+            zmeta = state.read_json(state.zvol_dir(self.root, self.host, pool, info.zvol) / META, {})
+            reserved += info.used if zmeta.get("sparse", True) else max(info.volsize, info.used)
+        return {"size": meta["size"], "used": used, "avail": max(0, meta["size"] - reserved)}
+
+    # ------------------------------------------------------------- zvols
+    def _info(self, pool: str, zvol: str) -> Optional[ZvolInfo]:
+        folder = state.zvol_dir(self.root, self.host, pool, zvol)
+        meta = state.read_json(folder / META)
+        if meta is None:
+            return None
+        try:
+            alloc = _allocated(folder / "data")
+        except FileNotFoundError:                       # destroyed meanwhile
+            return None
+        return ZvolInfo(name=f"{pool}/{zvol}", volsize=meta["volsize"], used=alloc, refer=alloc)
+
+    def list_zvols(self, pool: Optional[str] = None) -> List[ZvolInfo]:
+        if pool is not None and not self.pool_exists(pool):
+            raise DriverError(f"cannot open '{pool}': dataset does not exist")
+        out = []
+        for name in ([pool] if pool is not None else self.list_pools()):
+            folder = state.pool_dir(self.root, self.host, name)
+            for child in sorted(folder.iterdir()):
+                if child.name.startswith(".") or not child.is_dir():
+                    continue
+                info = self._info(name, child.name)
+                if info is not None:
+                    out.append(info)
+        return out
+
+    def get_zvol(self, pool: str, zvol: str) -> Optional[ZvolInfo]:
+        return self._info(state.zpool_name(pool), state.zvol_name(zvol))
+
+    def create_zvol(self, pool: str, zvol: str, size_bytes: int, sparse: bool = False) -> None:
+        name = f"{state.zpool_name(pool)}/{state.zvol_name(zvol)}"
+        if isinstance(size_bytes, bool) or not isinstance(size_bytes, int) or size_bytes < 0:
+            raise DriverError(f"cannot create '{name}': bad volume size {size_bytes!r}")
+        if size_bytes == 0:
+            raise DriverError(f"cannot create '{name}': volume size cannot be zero")
+        if size_bytes % VOLBLOCKSIZE:
+            raise DriverError(f"cannot create '{name}': volume size must be a multiple "
+                              "of volume block size")
+        if not state.host_exists(self.root, self.host):
+            raise DriverError(f"cannot create '{name}': no such pool '{pool}'")
+        with state.subsystem_lock(self.root, self.host, "zfs"):
+            if not self.pool_exists(pool):
+                raise DriverError(f"cannot create '{name}': no such pool '{pool}'")
+            final = state.zvol_dir(self.root, self.host, pool, zvol)
+            if final.exists():
+                raise DriverError(f"cannot create '{name}': dataset already exists")
+            if not sparse and size_bytes > self.pool_usage(pool)["avail"]:
+                raise DriverError(f"cannot create '{name}': out of space")
+            tmp = final.with_name(f".creating-{zvol}-{os.getpid()}-{threading.get_ident()}")
+            try:
+                (tmp / SNAPSHOTS).mkdir(parents=True)
+                with open(tmp / "data", "xb") as fh:
+                    fh.truncate(size_bytes)             # a hole, never written zeros
+                state.write_json(tmp / META, {"volsize": size_bytes, "volblocksize": VOLBLOCKSIZE,
+                                              "sparse": bool(sparse), "creation": int(time.time())})
+                os.rename(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+
+    def destroy(self, pool: str, zvol: str, recursive: bool = True) -> None:
+        name = f"{state.zpool_name(pool)}/{state.zvol_name(zvol)}"
+        folder = state.zvol_dir(self.root, self.host, pool, zvol)
+        if not (folder / META).is_file():
+            raise DriverError(f"cannot open '{name}': dataset does not exist")
+        with state.subsystem_lock(self.root, self.host, "zfs"):
+            if not (folder / META).is_file():
+                raise DriverError(f"cannot open '{name}': dataset does not exist")
+            snaps = folder / SNAPSHOTS
+            if not recursive and snaps.is_dir() and any(snaps.iterdir()):
+                raise DriverError(f"cannot destroy '{name}': volume has children")
+            if blockdev.device_users(self.root, self.host, self.device_path(pool, zvol)):
+                raise DriverError(f"cannot destroy '{name}': dataset is busy")
+            trash = folder.with_name(f".destroying-{zvol}-{uuid.uuid4().hex}")
+            os.rename(folder, trash)                     # gone for everyone at once
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def device_path(self, pool: str, zvol: str) -> str:
+        return f"/dev/zvol/{state.zpool_name(pool)}/{state.zvol_name(zvol)}"
