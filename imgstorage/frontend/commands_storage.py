@@ -1,0 +1,230 @@
+"""Storage commands: talk to the img-storage daemons about zvols directly.
+
+These are the operator's manual controls (map or unmap a zvol by hand, see
+what a NAS or a container holds, tune sync speeds).  They change nothing in
+the registry; it is only read to check the hosts and the defaults
+(``img_sync``, ``vm_container_zpool``) that a VM start would use too.
+
+Hosts must be registered: a typing mistake then fails with ``unknown host``
+before any message is sent, instead of reaching whatever daemon happens to
+listen under that name.  ``clean host storagemap`` and ``report host
+imgstorage`` will be further commands of this module.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, List, Optional
+
+from .. import naming, protocol
+from ..errors import ImgStorageError, ValidationError
+from .commands_base import Arg, Invocation, Param, bool_param, command, none_or
+from .tables import Table, elapsed
+
+_NAS = Arg("NAS", "a registered NAS (appliance nas, or attribute img_storage_nas=true)")
+
+
+def _malformed(node: str, what: str) -> ImgStorageError:
+    return ImgStorageError(f"{node} sent a malformed {what}")
+
+
+# -------------------------------------------------------------- mappings
+@command(
+    "add host storagemap", "Map a NAS zvol to a host by hand.",
+    args=(_NAS, Arg("ZPOOL", "the NAS zpool"), Arg("VOLUME", "the zvol name"),
+          Arg("REMOTEHOST", "the registered host that gets the disk"),
+          Arg("SIZE", "size in GB, used when the zvol is created")),
+    params=(Param("img_sync", "BOOL", "copy the zvol to REMOTEHOST (default: REMOTEHOST's "
+                  "img_sync attribute, else false)"),
+            Param("remotepool", "POOL", "the zpool on REMOTEHOST for the copy (default: its "
+                  "vm_container_zpool attribute); required when img_sync is true")),
+    description="The zvol is created when missing. Prints the block device that "
+                "REMOTEHOST now has.",
+    example="rocks add host storagemap nas-0-0 tank vol1 compute-0-3 10\n"
+            "mapping  nas-0-0 : tank / vol1  on  compute-0-3\n"
+            "/dev/mapper/vol1-snap")
+def add_host_storagemap(inv: Invocation) -> None:
+    zpool = naming.zpool_name(inv.args["zpool"])
+    zvol = naming.zvol_name(inv.args["volume"])
+    size = naming.size_gb(inv.args["size"])
+    nas = inv.nas(inv.args["nas"]).name
+    remote = inv.host(inv.args["remotehost"])
+    sync = bool_param(inv, "img_sync")
+    if sync is None:
+        sync = inv.registry.attr_bool(remote, "img_sync")
+    remotepool = inv.param("remotepool")
+    if remotepool is not None:
+        remotepool = naming.zpool_name(remotepool)
+    elif sync:
+        remotepool = inv.registry.attr(remote, "vm_container_zpool") or None
+        if remotepool is None:
+            raise ValidationError("img_sync is true but no remotepool was given")
+        naming.zpool_name(remotepool)
+    inv.echo(f"mapping  {nas} : {zpool} / {zvol}  on  {remote.name}")
+    reply = inv.request(nas, {"action": "map_zvol", "zpool": zpool, "zvol": zvol,
+                              "remotehost": remote.name, "remotepool": remotepool,
+                              "size": size, "sync": sync})
+    bdev = reply.get("bdev")
+    if not isinstance(bdev, str) or not bdev:
+        raise _malformed(nas, "reply (no block device)")
+    inv.echo(bdev)
+
+
+@command(
+    "remove host storagemap", "Unmap a zvol from the host it is mapped to.",
+    args=(_NAS, Arg("VOLUME", "the zvol name")),
+    description="A synced zvol is copied back to the NAS in the background "
+                "(STATE NAS<-VM in 'rocks list host storagemap').",
+    example="rocks remove host storagemap nas-0-0 vol1\n"
+            "unmapping   nas-0-0 : vol1\n"
+            "Success")
+def remove_host_storagemap(inv: Invocation) -> None:
+    zvol = naming.zvol_name(inv.args["volume"])
+    nas = inv.nas(inv.args["nas"]).name
+    inv.echo(f"unmapping   {nas} : {zvol}")
+    inv.request(nas, {"action": "unmap_zvol", "zvol": zvol})
+    inv.echo("Success")
+
+
+@command(
+    "remove host storageimg", "Destroy an unmapped zvol on a NAS.",
+    args=(_NAS, Arg("ZPOOL", "the NAS zpool"), Arg("VOLUME", "the zvol name")),
+    description="The zvol and its snapshots are destroyed: the data is lost. A mapped zvol "
+                "is refused by the NAS.",
+    example="rocks remove host storageimg nas-0-0 tank vol1\n"
+            "removing   nas-0-0 : tank / vol1\n"
+            "Success")
+def remove_host_storageimg(inv: Invocation) -> None:
+    zpool = naming.zpool_name(inv.args["zpool"])
+    zvol = naming.zvol_name(inv.args["volume"])
+    nas = inv.nas(inv.args["nas"]).name
+    inv.echo(f"removing   {nas} : {zpool} / {zvol}")
+    inv.request(nas, {"action": "del_zvol", "zpool": zpool, "zvol": zvol})
+    inv.echo("Success")
+
+
+@command(
+    "list host storagemap", "List the zvols of NAS servers and their state.",
+    args=(Arg("NAS", "registered NAS servers", many=True),),
+    description="STATE is unmapped, mapped, NAS->VM (copy to the host under way), NAS<-VM (final "
+                "copy back after unmap) or NAS<-VM sched (periodic copy back); TIME is how "
+                "long the running copy has taken.",
+    example="rocks list host storagemap nas-0-0")
+def list_host_storagemap(inv: Invocation) -> None:
+    table = Table(["NAS", "ZVOL", "HOST", "ZPOOL", "TARGET", "STATE", "TIME"])
+    for nas in _nases(inv, inv.args["nas"]):
+        body = inv.request(nas, {"action": "list_zvols"}).get("body")
+        if not isinstance(body, list) or not all(isinstance(r, dict) for r in body):
+            raise _malformed(nas, "zvol list")
+        now = time.time()
+        for row in body:
+            table.add(nas, row.get("zvol"), row.get("remotehost"), row.get("zpool"),
+                      row.get("iscsi_target"), row.get("state"), elapsed(row.get("time"), now))
+    inv.table(table)
+
+
+@command(
+    "list host storagedev", "List the img-storage devices of VM containers.",
+    args=(Arg("HOST", "registered hosts running img-storage-vm", many=True),),
+    description="STATUS is snapshot (booted on the remote disk while the copy runs), "
+                "snapshot-merge (merging into the local copy), linear (local) or iscsi "
+                "(direct); SYNCED shows the blocks left to merge, the merge is done when the "
+                "first number equals the last.",
+    example="rocks list host storagedev compute-0-3")
+def list_host_storagedev(inv: Invocation) -> None:
+    table = Table(["HOST", "ZVOL", "LVM", "STATUS", "SIZE (GB)", "BLOCK DEV", "IS STARTED",
+                   "SYNCED", "TIME"])
+    for host in [inv.host(name).name for name in inv.args["host"]]:
+        body = inv.request(host, {"action": "list_dev"}).get("body")
+        if not isinstance(body, dict) or not all(isinstance(r, dict) for r in body.values()):
+            raise _malformed(host, "device list")
+        now = time.time()
+        for key, dev in body.items():
+            table.add(host, dev.get("zvol") or key, dev.get("device"), dev.get("status"),
+                      dev.get("size"), dev.get("bdev"), 1 if dev.get("started") else None,
+                      dev.get("synced"), elapsed(dev.get("time"), now))
+    inv.table(table)
+
+
+def _nases(inv: Invocation, names: List[str]) -> List[str]:
+    """Check every NAS before the first message, so nothing is half done."""
+    return [inv.nas(n).name for n in names]
+
+
+# ------------------------------------------------------- zvol attributes
+@command(
+    "set host zvolattr", "Set a sync attribute of one zvol on a NAS.",
+    args=(_NAS, Arg("ZVOL", "the zvol name"),
+          Arg("ATTR", "frequency (seconds between copies back), nextsync (epoch of the next "
+              "one), uploadspeed or downloadspeed (bytes/s limits)", keyword="attr"),
+          Arg("VALUE", "a whole number, or none to unset", keyword="value")),
+    example="rocks set host zvolattr nas-0-0 compute-0-14-0-vol frequency 600\n"
+            "rocks set host zvolattr nas-0-0 compute-0-14-0-vol uploadspeed none")
+def set_host_zvolattr(inv: Invocation) -> None:
+    zvol = naming.zvol_name(inv.args["zvol"])
+    attr = inv.args["attr"].strip().lower()
+    if attr not in protocol.ZVOL_ATTRS:
+        raise ValidationError(f"unknown zvol attribute {inv.args['attr']!r}: use one of "
+                              + ", ".join(protocol.ZVOL_ATTRS))
+    text = none_or(inv.args["value"])
+    value: Optional[int] = None
+    if text is not None:
+        value = naming.non_negative_int(attr, text, allow_none=False,
+                                        minimum=1 if attr == "frequency" else 0)
+    nas = inv.nas(inv.args["nas"]).name
+    inv.request(nas, {"action": "set_zvol_attrs", "zvol": zvol, "attrs": {attr: value}})
+
+
+@command(
+    "list host zvolattr", "List the sync attributes of a zvol on a NAS.",
+    args=(_NAS, Arg("ZVOL", "the zvol name")),
+    description="NEXTSYNC is an epoch; empty values fall back to the NAS's own attributes.",
+    example="rocks list host zvolattr nas-0-0 compute-0-14-0-vol")
+def list_host_zvolattr(inv: Invocation) -> None:
+    zvol = naming.zvol_name(inv.args["zvol"])
+    nas = inv.nas(inv.args["nas"]).name
+    body = inv.request(nas, {"action": "get_zvol_attrs", "zvol": zvol}).get("body")
+    if not isinstance(body, dict):
+        raise _malformed(nas, "zvol attribute list")
+    table = Table(["NAS", "ZVOL", "FREQUENCY", "NEXTSYNC", "UPLOADSPEED", "DOWNLOADSPEED"])
+    table.add(nas, body.get("zvol") or zvol, body.get("frequency"), body.get("nextsync"),
+              body.get("uploadspeed"), body.get("downloadspeed"))
+    inv.table(table)
+
+
+# -------------------------------------------------------- NAS attributes
+@command(
+    "set host storageattr", "Set an attribute of a NAS daemon.",
+    args=(_NAS, Arg("ATTR", "the attribute name", keyword="attr"),
+          Arg("VALUE", "its value, or none to store an empty value", keyword="value")),
+    example="rocks set host storageattr nas-0-0 frequency 600")
+def set_host_storageattr(inv: Invocation) -> None:
+    attr = naming.attr_name(inv.args["attr"])
+    value = naming.attr_value(none_or(inv.args["value"]))
+    nas = inv.nas(inv.args["nas"]).name
+    inv.request(nas, {"action": "set_attrs", "attrs": {attr: value}})
+
+
+@command(
+    "remove host storageattr", "Remove an attribute of a NAS daemon.",
+    args=(_NAS, Arg("ATTR", "the attribute name", keyword="attr")),
+    example="rocks remove host storageattr nas-0-0 uploadspeed")
+def remove_host_storageattr(inv: Invocation) -> None:
+    attr = naming.attr_name(inv.args["attr"])
+    nas = inv.nas(inv.args["nas"]).name
+    inv.request(nas, {"action": "del_attrs", "attrs": [attr]})
+
+
+@command(
+    "list host storageattr", "List the attributes of NAS daemons.",
+    args=(Arg("NAS", "registered NAS servers", many=True),),
+    example="rocks list host storageattr nas-0-0")
+def list_host_storageattr(inv: Invocation) -> None:
+    table = Table(["NAS", "ATTR", "VALUE"])
+    for nas in _nases(inv, inv.args["nas"]):
+        attrs: Any = inv.request(nas, {"action": "get_attrs"}).get("attrs")
+        if not isinstance(attrs, dict):
+            raise _malformed(nas, "attribute list")
+        for name in sorted(attrs):
+            table.add(nas, name, attrs[name])
+    inv.table(table)
+
