@@ -7,8 +7,10 @@ instead of failing later in the middle of an operation.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -24,7 +26,7 @@ DEFAULT_EXCHANGE = "rocks.vm-manage"
 KNOWN_KEYS = {
     "name", "broker_url", "exchange", "db", "frontend_db", "backend", "sim_root",
     "network", "default_pool", "img_sync_workers", "transport", "log_file",
-    "admin_users", "chap", "timeout", "target",
+    "admin_users", "chap", "timeout", "target", "stream_address", "stream_bind", "ssh_user",
 }
 
 
@@ -49,6 +51,9 @@ class Config:
     chap: bool = True
     timeout: float = 60.0
     target: str = "lio"
+    stream_address: Optional[str] = None   # how peers reach this node's TCP streams
+    stream_bind: str = "0.0.0.0"
+    ssh_user: str = "img-storage"
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def require(self, *keys: str) -> None:
@@ -60,6 +65,14 @@ class Config:
     @property
     def broker_user(self) -> str:
         return urlparse(self.broker_url).username or "guest"
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        return False
 
 
 def _bad(path: str, key: str, why: str) -> ConfigError:
@@ -132,6 +145,14 @@ def _check(path: str, key: str, value: Any) -> Any:
         if key == "backend":
             if value not in ("real", "sim"):
                 raise ValidationError('expected "real" or "sim"')
+            return value
+        if key in ("stream_address", "stream_bind"):
+            if not isinstance(value, str) or not (naming._HOST_RE.match(value) or _is_ip(value)):
+                raise ValidationError("expected a host name or an IP address")
+            return value
+        if key == "ssh_user":
+            if not isinstance(value, str) or not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", value):
+                raise ValidationError("expected a user name")
             return value
         if key == "target":
             if value not in ("lio", "tgt"):

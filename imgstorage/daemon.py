@@ -47,8 +47,10 @@ class Daemon:
     """Route each request to its handler on a worker and send the reply."""
 
     def __init__(self, config: Config, handlers: Dict[str, Handler],
-                 quick_actions: Iterable[str] = (), workers: Optional[int] = None):
+                 quick_actions: Iterable[str] = (), workers: Optional[int] = None,
+                 background: Iterable[object] = ()):
         self.config = config
+        self.background = list(background)   # objects with start() and stop()
         self.handlers = handlers
         self.quick_actions = set(quick_actions)
         self.work_pool = ThreadPoolExecutor(max_workers=workers or config.img_sync_workers,
@@ -110,9 +112,15 @@ class Daemon:
             self.consumer.stop()
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
-        self.consumer.run_forever()
-        self.work_pool.shutdown(wait=True)
-        self.quick_pool.shutdown(wait=True)
+        for part in self.background:
+            part.start()
+        try:
+            self.consumer.run_forever()
+        finally:
+            for part in reversed(self.background):
+                part.stop()
+            self.work_pool.shutdown(wait=True)
+            self.quick_pool.shutdown(wait=True)
         return 0
 
 

@@ -22,7 +22,10 @@ REPLY_ACTION = {
     "del_zvol": "zvol_deleted",
     "list_zvols": "zvol_list",
     "list_dev": "dev_list",
-    "sync_zvol": "zvol_synced",
+    "sync_zvol": "sync_zvol",          # acknowledged at once; zvol_synced follows the merge
+    "recv_zvol": "recv_zvol",
+    "send_zvol": "send_zvol",
+    "del_local": "del_local",
     "get_zvol_attrs": "get_zvol_attrs",
     "set_zvol_attrs": "set_zvol_attrs",
     "get_attrs": "get_attrs",

@@ -85,7 +85,9 @@ class SimCluster:
         cfg = {"name": node, "broker_url": self.broker, "backend": "sim",
                "sim_root": str(self.sim_root), "db": str(self.db_path(node)),
                "frontend_db": str(self.workdir / "db" / "frontend.db"),
-               "log_file": str(self.log_path(node)), "img_sync_workers": 4}
+               "log_file": str(self.log_path(node)), "img_sync_workers": 4,
+               "stream_address": "127.0.0.1", "stream_bind": "127.0.0.1",
+               "default_pool": self.pool}
         cfg.update(self.node_settings.get(node, {}))
         from_dict(cfg)  # a typo in a test's settings should fail here, loudly
         path = self.config_path(node)
@@ -171,9 +173,10 @@ class SimCluster:
         return self.run("sim", *args, input=input)
 
     def make_pools(self) -> List[str]:
+        """The pool on every node: the NAS's store, and each container's local pool."""
         made = []
-        for nas in self.nas:
-            proc = self.sim("zpool", "create", "--host", nas, self.pool)
+        for node in self.nas + self.containers:
+            proc = self.sim("zpool", "create", "--host", node, self.pool)
             if proc.returncode == 0:
-                made.append(nas)
+                made.append(node)
         return made

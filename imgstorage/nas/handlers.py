@@ -92,6 +92,17 @@ def build(service: NasService) -> Dict[str, object]:
         store.del_attrs([naming.attr_name(n) for n in names])
         return protocol.success("del_attrs")
 
+    def zvol_synced(env: Envelope) -> None:
+        """A container reports that its merge finished (a notification: no reply)."""
+        zvol = field(env.body, "zvol", naming.zvol_name)
+        status = env.body.get("status")
+        error = env.body.get("error")
+        # No lock: a notification cannot be answered "busy" and retried.  The
+        # state machine decides (an unmap that got there first makes it a no-op).
+        service.zvol_synced(zvol, status == "success",
+                            str(error)[:1000] if error is not None else None)
+        return None
+
     def ping(env: Envelope) -> dict:
         return protocol.success("ping", node=service.name, role="nas")
 
@@ -99,5 +110,5 @@ def build(service: NasService) -> Dict[str, object]:
         "map_zvol": map_zvol, "unmap_zvol": unmap_zvol, "del_zvol": del_zvol,
         "list_zvols": list_zvols, "get_zvol_attrs": get_zvol_attrs,
         "set_zvol_attrs": set_zvol_attrs, "get_attrs": get_attrs, "set_attrs": set_attrs,
-        "del_attrs": del_attrs, "ping": ping,
+        "del_attrs": del_attrs, "zvol_synced": zvol_synced, "ping": ping,
     }

@@ -21,7 +21,8 @@ def build_daemon(cfg: Config) -> Daemon:
     store = NasStore(engine)
     store.ensure_defaults()
     service = NasService(cfg, store, node_drivers(cfg, target_kind=cfg.target))
-    return Daemon(cfg, handlers.build(service), quick_actions=handlers.QUICK)
+    return Daemon(cfg, handlers.build(service), quick_actions=handlers.QUICK,
+                  background=[service.sync])
 
 
 def _announce(cfg: Config) -> None:

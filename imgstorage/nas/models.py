@@ -33,6 +33,10 @@ class Zvol(Base):
     chap_user: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
     chap_secret: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
     state_since: Mapped[float] = mapped_column(Float, default=time.time)
+    prior_state: Mapped[Optional[str]] = mapped_column(String(32), nullable=True)
+    last_snapshot: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
+    retry_at: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[Optional[str]] = mapped_column(String(1000), nullable=True)
 
 

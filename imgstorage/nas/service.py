@@ -20,6 +20,9 @@ from ..drivers.resolver import host_known, network_name
 from ..errors import ImgStorageError, NotFoundError, StateError, ValidationError
 from ..messaging import RpcClient
 from .states import Event, State, display
+
+UNMAPPABLE = {State.MAPPED.value, State.UPLOADING.value, State.MERGING.value, State.LOCAL.value,
+              State.PULLING.value}
 from .store import NasStore
 
 log = logging.getLogger(__name__)
@@ -30,10 +33,19 @@ RpcFactory = Callable[[], ContextManager[RpcClient]]
 class NasService:
     def __init__(self, config: Config, store: NasStore, drivers: NodeDrivers,
                  rpc_factory: Optional[RpcFactory] = None):
+        from .sync import SyncManager
+        from .transport import make_transport
         self.config = config
         self.store = store
         self.drivers = drivers
         self.rpc_factory = rpc_factory or (lambda: RpcClient(config))
+        self.sync = SyncManager(self, config.img_sync_workers)
+        self.transport = make_transport(config, self)
+
+    def remote(self, host: str, message: Dict, timeout: Optional[float] = None) -> Dict:
+        """Ask a container something; an error reply raises RemoteError with its text."""
+        with self.rpc_factory() as rpc:
+            return rpc.request(host, message, timeout or self.config.timeout)
 
     @property
     def name(self) -> str:
@@ -50,16 +62,19 @@ class NasService:
         if row is not None:
             if row.zpool != zpool:
                 raise ValidationError(f"ZVol {zvol} is in zpool {row.zpool}, not {zpool}")
-            if row.state == State.MAPPED.value:
+            if row.state in UNMAPPABLE:
                 if row.remotehost == remotehost and bool(row.sync) == sync:
                     log.info("zvol %s is already mapped to %s; answering with its device",
                              zvol, remotehost)
                     return {"bdev": row.bdev, "target": row.iscsi_target}
                 raise StateError(f"Error when mapping zvol: {zvol} is already mapped to {row.remotehost}")
+            if row.state == State.FINAL_PULL.value:
+                raise StateError(f"ZVol {zvol} is still being synced home from {row.remotehost} "
+                                 "(NAS<-VM); map it again when it is unmapped")
             if row.state != State.UNMAPPED.value:
                 raise StateError(f"ZVol {zvol} is {row.state}; it cannot be mapped now")
-        if sync:
-            raise ValidationError("sync mode (img_sync=true) is not available in this version")
+        if sync and not remotepool:
+            raise ValidationError("img_sync is true but no remotepool was given")
         if not host_known(self.config, remotehost):
             raise NotFoundError(f"Host {remotehost} is unknown")
         if not self.drivers.zfs.pool_exists(zpool):
@@ -93,7 +108,8 @@ class NasService:
                     target, self.drivers.zfs.device_path(zpool, zvol), initiator, chap)
                 target_made = True
                 message = {"action": "map_zvol", "target": target, "nas": self.portal(),
-                           "zvol": zvol, "size": size_gb, "sync": sync,
+                           "nas_node": self.name, "zvol": zvol, "size": size_gb,
+                           "volsize": size_bytes, "sync": sync,
                            "remotehost": remotehost, "remotepool": remotepool}
                 if chap:
                     message["chap"] = {"userid": chap.userid, "password": chap.password}
@@ -107,8 +123,10 @@ class NasService:
         except Exception as exc:
             self._rollback_map(zvol, target if target_made else None, exc)
             raise
-        self.store.transition(zvol, Event.ATTACHED, bdev=bdev, initiator=initiator)
-        log.info("mapped %s to %s:%s in %.2fs", zvol, remotehost, bdev, time.monotonic() - started)
+        self.store.transition(zvol, Event.ATTACHED_SYNC if sync else Event.ATTACHED, bdev=bdev,
+                              initiator=initiator, last_snapshot=None, failures=0, retry_at=None)
+        log.info("mapped %s to %s:%s in %.2fs%s", zvol, remotehost, bdev,
+                 time.monotonic() - started, "; NAS->VM copy queued" if sync else "")
         return {"bdev": bdev, "target": target}
 
     def _rollback_map(self, zvol: str, target: Optional[str], exc: Exception) -> None:
@@ -133,25 +151,52 @@ class NasService:
         row = self.store.require(zvol)
         if row.state == State.UNMAPPED.value:
             raise StateError(f"ZVol {zvol} is not mapped")
-        if row.state != State.MAPPED.value:
+        if row.state == State.FINAL_PULL.value:
+            raise StateError(f"ZVol {zvol} is already being synced home (NAS<-VM)")
+        if row.state not in UNMAPPABLE:
             raise StateError(f"ZVol {zvol} is {row.state}; it cannot be unmapped now")
-        self.store.transition(zvol, Event.UNMAP)
-        try:
-            with self.rpc_factory() as rpc:
-                reply = rpc.call(row.remotehost, {"action": "unmap_zvol", "zvol": zvol,
-                                                  "target": row.iscsi_target}, timeout)
-            if reply.get("status") != "success":
-                raise ImgStorageError("Error detaching iSCSI target from compute node: "
-                                      f"{reply.get('error', 'unknown error')}")
-        except Exception as exc:
-            self.store.transition(zvol, Event.FAILED, last_error=str(exc)[:1000])
-            raise
-        if row.iscsi_target:
-            self.drivers.target.delete_target(row.iscsi_target)
-        self.store.transition(zvol, Event.DETACHED, remotehost=None, remotepool=None,
-                              iscsi_target=None, bdev=None, initiator=None, chap_user=None,
-                              chap_secret=None, last_error=None)
+        with self.sync.jobs.held(zvol):
+            row = self.store.require(zvol)          # a cancelled pull went back to local
+            self.store.transition(zvol, Event.UNMAP)
+            try:
+                reply = self.remote(row.remotehost, {"action": "unmap_zvol", "zvol": zvol,
+                                                     "target": row.iscsi_target,
+                                                     "sync": bool(row.sync)}, timeout)
+            except Exception as exc:
+                self.store.transition(zvol, Event.FAILED, last_error=str(exc)[:1000])
+                if isinstance(exc, ImgStorageError) and not isinstance(exc, StateError):
+                    raise ImgStorageError("Error detaching iSCSI target from compute node: "
+                                          f"{exc}") from None
+                raise
+            if row.iscsi_target:
+                self.drivers.target.delete_target(row.iscsi_target)
+            if reply.get("local"):
+                # The container's copy holds the VM's writes: bring it home first.
+                self.store.transition(zvol, Event.DETACHED_LOCAL, iscsi_target=None,
+                                      retry_at=None, failures=0, last_error=None)
+                log.info("zvol %s: the VM's copy on %s will be synced home", zvol, row.remotehost)
+                return {"syncing": True}
+            self.store.transition(zvol, Event.DETACHED, remotehost=None, remotepool=None,
+                                  iscsi_target=None, bdev=None, initiator=None, chap_user=None,
+                                  chap_secret=None, last_error=None)
         return {}
+
+    def zvol_synced(self, zvol: str, ok: bool, error: Optional[str]) -> None:
+        """The container finished merging: it runs from its local copy now."""
+        row = self.store.require(zvol)
+        if not ok:
+            # Keep the target: the VM still reads through it (the original dropped it: B8).
+            log.error("container %s could not merge %s: %s", row.remotehost, zvol, error)
+            self.store.update(zvol, last_error=f"merge failed: {error}"[:1000])
+            return
+        if row.state == State.MERGING.value:
+            if row.iscsi_target:
+                self.drivers.target.delete_target(row.iscsi_target)
+            self.store.transition(zvol, Event.SYNCED, iscsi_target=None, last_error=None)
+            self.store.set_zvol_attrs(zvol, {"nextsync": int(time.time() + self.sync.frequency(zvol))})
+            log.info("zvol %s runs from its local copy on %s", zvol, row.remotehost)
+        else:
+            log.info("zvol %s: merge report ignored in state %s", zvol, row.state)
 
     # -- delete -------------------------------------------------------------
     def del_zvol(self, zvol: str, zpool: str) -> Dict:
@@ -176,13 +221,19 @@ class NasService:
         rows = []
         for z in self.store.all():
             attrs = self.store.zvol_attrs(z.zvol)
+            job = self.sync.jobs.get(z.zvol)
+            moving = z.state in (State.UPLOADING.value, State.PULLING.value, State.FINAL_PULL.value)
             rows.append({
                 "zvol": z.zvol, "zpool": z.zpool, "iscsi_target": z.iscsi_target,
                 "remotehost": z.remotehost, "remotepool": z.remotepool,
                 "state": display(z.state), "lifecycle": z.state, "sync": bool(z.sync),
                 "size": (z.size_bytes // naming.GIB) if z.size_bytes else None,
-                "bdev": z.bdev, "time": None, "progress": None, "rate": None,
-                "is_sending": None, "is_delete_remote": None,
+                "bdev": z.bdev,
+                "time": (job.started if job else z.state_since) if moving else None,
+                "progress": job.progress.percent() if job and moving else None,
+                "rate": job.progress.rate() if job and moving else None,
+                "is_sending": (z.state == State.UPLOADING.value) if moving else None,
+                "is_delete_remote": (z.state == State.FINAL_PULL.value) if moving else None,
                 "nextsync": attrs.nextsync if attrs else None,
                 "frequency": attrs.frequency if attrs else None,
                 "locked": z.zvol in locks,

@@ -2,21 +2,45 @@
 
 Each transition is written to the database before the kernel is touched and
 again after it answered, so a daemon restarted at any moment finds the
-operation that was in flight in the zvol's state:
+operation that was in flight in the zvol's state.
 
-    unmapped --map--> mapping --attached--> mapped
-    mapping  --failed--> unmapped           (target removed, nothing left behind)
-    mapped   --unmap--> unmapping --detached--> unmapped
-    unmapping --failed--> mapped            (the container still has the disk)
-    unmapped --delete--> deleting --deleted--> (row removed)
-    deleting --failed--> unmapped
+Direct iSCSI::
 
-Sync mode adds its copy, merge and pull states to this same table.
+    unmapped --map--> mapping --attached--> mapped --unmap--> unmapping --detached--> unmapped
+
+Sync mode (the VM boots at once on a dm snapshot: reads from the iSCSI disk,
+writes into the container's ``<zvol>-temp-write``)::
+
+    mapping --attached_sync--> uploading     NAS->VM copy of a NAS snapshot into the
+                                             container's local zvol
+    uploading --uploaded--> merging          the container merges temp writes into
+                                             its local copy (dm snapshot-merge)
+    merging --synced--> local                VM on dm linear over the local zvol; the
+                                             iSCSI target is gone
+    local --pull--> pulling --pulled--> local  periodic incremental NAS<-VM pull
+
+Unmap loses nothing in any phase; where the VM's writes are decides how they
+come home:
+
+* ``mapped`` (direct): they are already on the NAS.
+* ``uploading`` (copy not started, running, or failed): the local copy is
+  incomplete, so the container merges ``temp-write`` back into the *iSCSI
+  disk* (snapshot-merge with the iSCSI disk as origin), waits for the merge to
+  finish, and throws its partial copy away.  ``detached`` -> ``unmapped``.
+* ``merging``: the container first lets the local merge finish; then as ``local``.
+* ``local`` / ``pulling`` (a periodic pull is cancelled first): the local zvol
+  holds everything; the container removes the device and keeps the zvol,
+  ``detached_local`` -> ``final_pull``: an incremental pull from the last
+  common snapshot; only after it was received is the container's copy
+  destroyed (``pulled`` -> ``unmapped``).  A failed final pull is retried and
+  never destroys anything.
+
+A failed unmap returns to the state it started from (``prior_state``).
 """
 from __future__ import annotations
 
 from enum import Enum
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 from ..errors import StateError
 
@@ -25,29 +49,55 @@ class State(str, Enum):
     UNMAPPED = "unmapped"
     MAPPING = "mapping"
     MAPPED = "mapped"
+    UPLOADING = "uploading"
+    MERGING = "merging"
+    LOCAL = "local"
+    PULLING = "pulling"
     UNMAPPING = "unmapping"
+    FINAL_PULL = "final_pull"
     DELETING = "deleting"
 
 
 class Event(str, Enum):
     MAP = "map"
     ATTACHED = "attached"
+    ATTACHED_SYNC = "attached_sync"
+    UPLOADED = "uploaded"
+    SYNCED = "synced"
+    PULL = "pull"
+    PULLED = "pulled"
     UNMAP = "unmap"
     DETACHED = "detached"
+    DETACHED_LOCAL = "detached_local"
     DELETE = "delete"
     DELETED = "deleted"
     FAILED = "failed"
 
 
-GONE = None  # the row is removed
+GONE = None            # the row is removed
+PRIOR = "prior"        # back to the state recorded when the operation began
 
-TRANSITIONS: Dict[Tuple[State, Event], Optional[State]] = {
+Target = Union[State, None, str]
+
+TRANSITIONS: Dict[Tuple[State, Event], Target] = {
     (State.UNMAPPED, Event.MAP): State.MAPPING,
     (State.MAPPING, Event.ATTACHED): State.MAPPED,
+    (State.MAPPING, Event.ATTACHED_SYNC): State.UPLOADING,
     (State.MAPPING, Event.FAILED): State.UNMAPPED,
+    (State.UPLOADING, Event.UPLOADED): State.MERGING,
+    (State.MERGING, Event.SYNCED): State.LOCAL,
+    (State.LOCAL, Event.PULL): State.PULLING,
+    (State.PULLING, Event.PULLED): State.LOCAL,
+    (State.PULLING, Event.FAILED): State.LOCAL,
     (State.MAPPED, Event.UNMAP): State.UNMAPPING,
+    (State.UPLOADING, Event.UNMAP): State.UNMAPPING,
+    (State.MERGING, Event.UNMAP): State.UNMAPPING,
+    (State.LOCAL, Event.UNMAP): State.UNMAPPING,
+    (State.PULLING, Event.UNMAP): State.UNMAPPING,
     (State.UNMAPPING, Event.DETACHED): State.UNMAPPED,
-    (State.UNMAPPING, Event.FAILED): State.MAPPED,
+    (State.UNMAPPING, Event.DETACHED_LOCAL): State.FINAL_PULL,
+    (State.UNMAPPING, Event.FAILED): PRIOR,
+    (State.FINAL_PULL, Event.PULLED): State.UNMAPPED,
     (State.UNMAPPED, Event.DELETE): State.DELETING,
     (State.DELETING, Event.DELETED): GONE,
     (State.DELETING, Event.FAILED): State.UNMAPPED,
@@ -58,12 +108,20 @@ DISPLAY = {
     State.UNMAPPED: "unmapped",
     State.MAPPING: "mapped",
     State.MAPPED: "mapped",
+    State.UPLOADING: "NAS->VM",
+    State.MERGING: "mapped",
+    State.LOCAL: "mapped",
+    State.PULLING: "NAS<-VM sched",
     State.UNMAPPING: "mapped",
+    State.FINAL_PULL: "NAS<-VM",
     State.DELETING: "unmapped",
 }
 
+# States in which the container holds data the NAS does not have yet.
+SYNC_ACTIVE = {State.UPLOADING, State.MERGING, State.LOCAL, State.PULLING, State.FINAL_PULL}
 
-def next_state(current: str, event: Event) -> Optional[State]:
+
+def next_state(current: str, event: Event, prior: Optional[str] = None) -> Optional[State]:
     """The state after ``event``; StateError when the event is not allowed now."""
     try:
         state = State(current)
@@ -72,7 +130,13 @@ def next_state(current: str, event: Event) -> Optional[State]:
     key = (state, event)
     if key not in TRANSITIONS:
         raise StateError(f"cannot {event.value} a zvol that is {state.value}")
-    return TRANSITIONS[key]
+    target = TRANSITIONS[key]
+    if target == PRIOR:
+        try:
+            return State(prior)
+        except ValueError:
+            raise StateError(f"zvol has no valid prior state to return to ({prior!r})") from None
+    return target
 
 
 def display(state: str) -> str:

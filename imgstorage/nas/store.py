@@ -55,6 +55,10 @@ class NasStore:
         finally:
             self.unlock(zvol)
 
+    def is_locked(self, zvol: str) -> bool:
+        with self.session() as s:
+            return s.get(Lock, zvol) is not None
+
     def locks(self) -> List[Lock]:
         with self.session() as s:
             return list(s.scalars(select(Lock).order_by(Lock.since)))
@@ -81,6 +85,14 @@ class NasStore:
             s.add(row)
         return row
 
+    def update(self, zvol: str, **fields) -> None:
+        """Change columns that are not the state (errors, retry times, snapshots)."""
+        with self.session() as s, s.begin():
+            row = s.get(Zvol, zvol)
+            if row is not None:
+                for key, value in fields.items():
+                    setattr(row, key, value)
+
     def transition(self, zvol: str, event: Event, **fields) -> Optional[Zvol]:
         """Apply a state machine event and the given column updates atomically."""
         with self.session() as s, s.begin():
@@ -88,7 +100,7 @@ class NasStore:
             if row is None:
                 raise NotFoundError(f"ZVol {zvol} not found in database")
             old = row.state
-            new = next_state(old, event)
+            new = next_state(old, event, row.prior_state)
             if new is None:
                 s.delete(row)
                 log.info("zvol %s: %s -> (removed) after %.1fs", zvol, old,
@@ -96,6 +108,8 @@ class NasStore:
                 return None
             for key, value in fields.items():
                 setattr(row, key, value)
+            if event is Event.UNMAP:
+                row.prior_state = old
             row.state = new.value
             duration = time.time() - row.state_since
             row.state_since = time.time()

@@ -1,17 +1,20 @@
-"""VM-container message handlers: validate, call the service, reply."""
+"""VM-container message handlers: validate, hold the zvol, call the service, reply."""
 from __future__ import annotations
 
-import threading
+import re
 from typing import Dict
 
 from .. import naming, protocol
 from ..drivers.base import ChapCredentials
-from ..errors import BusyError, ValidationError
+from ..errors import ValidationError
 from ..messaging import Envelope
 from ..protocol import field, optional_name
+from . import streams
 from .service import VmService
 
 QUICK = {"list_dev", "initiator_name", "ping"}
+SNAP_PREFIX = "IMG-STORAGE-"
+KEEP_SNAPSHOTS = 3
 
 
 def _chap(value) -> ChapCredentials:
@@ -22,47 +25,88 @@ def _chap(value) -> ChapCredentials:
     return ChapCredentials(value["userid"], value["password"])
 
 
+def _token(value) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_-]{20,128}", value):
+        raise ValidationError("invalid transfer token")
+    return value
+
+
+def _snap(value) -> str:
+    return naming.zvol_name(value)
+
+
 def build(service: VmService) -> Dict[str, object]:
     default_timeout = service.config.timeout
-    busy: set = set()
-    busy_lock = threading.Lock()
-
-    class _Busy:
-        """One operation per zvol at a time on the container too."""
-        def __init__(self, zvol: str):
-            self.zvol = zvol
-
-        def __enter__(self):
-            with busy_lock:
-                if self.zvol in busy:
-                    raise BusyError(f"ZVol {self.zvol} is busy")
-                busy.add(self.zvol)
-
-        def __exit__(self, *exc):
-            with busy_lock:
-                busy.discard(self.zvol)
+    zfs = service.drivers.zfs
 
     def map_zvol(env: Envelope) -> dict:
         m = env.body
         zvol = field(m, "zvol", naming.zvol_name)
         target = field(m, "target", naming.iqn)
         nas = field(m, "nas", naming.host_name)
+        nas_node = field(m, "nas_node", naming.host_name, required=False)
         sync = field(m, "sync", protocol.bool_field, required=False, default=False)
         remotepool = field(m, "remotepool", optional_name(naming.zpool_name), required=False)
         chap = field(m, "chap", _chap, required=False)
-        if m.get("size") is not None:
-            naming.size_gb(m["size"])
-        with _Busy(zvol):
+        size = field(m, "size", naming.size_gb, required=False)
+        volsize = field(m, "volsize", lambda v: naming.non_negative_int("volsize", v, minimum=1),
+                        required=False)
+        if sync and volsize is None:
+            volsize = (size or 0) * naming.GIB or None
+            if volsize is None:
+                raise ValidationError("sync mode needs the volume's size")
+        with service.zvol_lock(zvol):
             bdev = service.map_zvol(zvol, target, nas, sync, remotepool, chap,
-                                    env.remaining(default_timeout))
+                                    env.remaining(default_timeout), volsize=volsize,
+                                    nas_node=nas_node)
         return protocol.success("map_zvol", target=target, bdev=bdev, zvol=zvol)
 
     def unmap_zvol(env: Envelope) -> dict:
         zvol = field(env.body, "zvol", naming.zvol_name)
         target = field(env.body, "target", optional_name(naming.iqn), required=False)
-        with _Busy(zvol):
-            service.unmap_zvol(zvol, target, env.remaining(default_timeout))
-        return protocol.success("unmap_zvol", target=target, zvol=zvol)
+        with service.zvol_lock(zvol):
+            out = service.unmap_zvol(zvol, target, env.remaining(default_timeout))
+        return protocol.success("unmap_zvol", target=target, zvol=zvol, **out)
+
+    def sync_zvol(env: Envelope) -> dict:
+        zvol = field(env.body, "zvol", naming.zvol_name)
+        with service.zvol_lock(zvol):
+            service.start_merge(zvol)
+        return protocol.success("sync_zvol", zvol=zvol, merging=True)
+
+    def recv_zvol(env: Envelope) -> dict:
+        zvol = field(env.body, "zvol", naming.zvol_name)
+        token = field(env.body, "token", _token)
+        with service.zvol_lock(zvol):
+            row = service.require(zvol, "snapshot")
+            sink = zfs.receive(row.remotepool, zvol)
+            endpoint = streams.serve_receive(service.config, token, sink,
+                                             f"NAS->VM copy of {zvol} into {row.remotepool}")
+        return protocol.success("recv_zvol", zvol=zvol, **endpoint)
+
+    def send_zvol(env: Envelope) -> dict:
+        m = env.body
+        zvol = field(m, "zvol", naming.zvol_name)
+        snap = field(m, "snap", _snap)
+        base = field(m, "base", optional_name(_snap), required=False)
+        token = field(m, "token", _token, required=False)
+        with service.zvol_lock(zvol):
+            size = service.snapshot_for_pull(zvol, snap, base)
+            service.trim_snapshots(zvol, [s for s in (snap, base) if s], SNAP_PREFIX,
+                                   KEEP_SNAPSHOTS)
+            reply = {"zvol": zvol, "size": size}
+            if token:
+                row = service.require(zvol)
+                source = zfs.send(row.remotepool, zvol, snap, base)
+                reply.update(streams.serve_send(service.config, token, source,
+                                                f"NAS<-VM sync of {zvol} ({snap})"))
+        return protocol.success("send_zvol", **reply)
+
+    def del_local(env: Envelope) -> dict:
+        zvol = field(env.body, "zvol", naming.zvol_name)
+        with service.zvol_lock(zvol):
+            service.del_local(zvol)
+        return protocol.success("del_local", zvol=zvol)
 
     def list_dev(env: Envelope) -> dict:
         return protocol.success("list_dev", node_type="mixed", body=service.list_dev())
@@ -73,5 +117,6 @@ def build(service: VmService) -> Dict[str, object]:
     def ping(env: Envelope) -> dict:
         return protocol.success("ping", node=service.config.name, role="vm")
 
-    return {"map_zvol": map_zvol, "unmap_zvol": unmap_zvol, "list_dev": list_dev,
-            "initiator_name": initiator_name, "ping": ping}
+    return {"map_zvol": map_zvol, "unmap_zvol": unmap_zvol, "sync_zvol": sync_zvol,
+            "recv_zvol": recv_zvol, "send_zvol": send_zvol, "del_local": del_local,
+            "list_dev": list_dev, "initiator_name": initiator_name, "ping": ping}

@@ -1,7 +1,11 @@
 """``img-storage-vm``: the VM-container daemon (foreground; init scripts daemonise it)."""
 from __future__ import annotations
 
+import logging
+
 from ..config import Config
+from ..errors import ImgStorageError
+from ..messaging import RpcClient
 from ..daemon import Daemon, command_line
 from ..db import create_schema, make_engine
 from ..drivers import node_drivers
@@ -9,13 +13,28 @@ from . import handlers
 from .models import Base
 from .service import VmService
 
+log = logging.getLogger("imgstorage.vm")
+
+
+def notifier(cfg: Config):
+    """Tell a NAS something that needs no answer (a merge finished); log if it cannot be told."""
+    def notify(node: str, message: dict) -> None:
+        try:
+            with RpcClient(cfg) as rpc:
+                rpc.notify(node, message)
+        except ImgStorageError as exc:
+            log.error("could not tell %s %s about %s: %s", node, message.get("action"),
+                      message.get("zvol"), exc)
+    return notify
+
 
 def build_daemon(cfg: Config) -> Daemon:
     engine = make_engine(cfg.db)
     create_schema(engine, Base)
-    service = VmService(cfg, engine, node_drivers(cfg))
+    service = VmService(cfg, engine, node_drivers(cfg), notify=notifier(cfg))
     service.initiator_name()  # fail at start, not at the first map, when the initiator is not set up
-    return Daemon(cfg, handlers.build(service), quick_actions=handlers.QUICK)
+    return Daemon(cfg, handlers.build(service), quick_actions=handlers.QUICK,
+                  background=[service.sync])
 
 
 cli = command_line(

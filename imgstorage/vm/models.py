@@ -1,5 +1,12 @@
 """The VM-container daemon's database: the zvols attached to this host.
 
+States of a row: ``attaching`` -> ``attached`` (direct iSCSI) or, in sync
+mode, ``snapshot`` (VM on a dm snapshot of the iSCSI disk, copy arriving) ->
+``merging`` (snapshot-merge onto the local copy) -> ``local`` (dm linear over
+the local zvol); on unmap ``flushing`` (temp writes merged back into the iSCSI
+disk, when the copy never completed) or ``detached_local`` (device removed,
+local copy kept until the NAS has pulled it); ``detaching`` while tearing down.
+
 Tables are prefixed ``vm_`` so they never collide with the NAS daemon's.
 """
 from __future__ import annotations
@@ -7,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-from sqlalchemy import Boolean, Float, String
+from sqlalchemy import Boolean, Float, Integer, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -25,5 +32,10 @@ class VmZvol(Base):
     remotepool: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
     sync: Mapped[bool] = mapped_column(Boolean, default=False)
     state: Mapped[str] = mapped_column(String(32), default="attaching")
-    bdev: Mapped[Optional[str]] = mapped_column(String(300), nullable=True)
+    bdev: Mapped[Optional[str]] = mapped_column(String(300), nullable=True)   # iSCSI disk
+    nas_node: Mapped[Optional[str]] = mapped_column(String(253), nullable=True)  # routing key
+    devsize: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)       # sectors
+    merge_started: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    merge_from: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)  # sectors at start
+    last_error: Mapped[Optional[str]] = mapped_column(String(1000), nullable=True)
     state_since: Mapped[float] = mapped_column(Float, default=time.time)

@@ -20,7 +20,7 @@ def vhost():
 
 def _cluster(tmp_path_factory, vhost, **kw):
     cluster = SimCluster(tmp_path_factory.mktemp("cluster"), broker_url(vhost), **kw)
-    assert cluster.make_pools() == cluster.nas
+    assert cluster.make_pools() == cluster.nas + cluster.containers
     cluster.start()
     return cluster
 

@@ -1,0 +1,59 @@
+"""The container's end of a transfer: a one-time TCP endpoint per stream.
+
+The NAS asks (``recv_zvol`` / ``send_zvol``) with a token; the container
+opens a StreamServer, answers with its address and port, and serves the one
+connection that presents the token on a thread of its own, so the request
+returns at once and the message loop never waits on a transfer.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable, Dict
+
+from ..config import Config
+from ..drivers.base import ByteSink, ByteSource
+from ..errors import ImgStorageError
+from ..transfer import StreamServer
+
+log = logging.getLogger(__name__)
+
+ACCEPT_TIMEOUT = 60.0
+
+
+def advertised_address(config: Config) -> str:
+    if config.stream_address:
+        return config.stream_address
+    return f"{config.name}.{config.network}" if config.network else config.name
+
+
+def _serve(what: str, work: Callable[[], int]) -> None:
+    try:
+        moved = work()
+        log.info("%s: %d bytes moved", what, moved)
+    except ImgStorageError as exc:
+        log.error("%s failed: %s", what, exc)
+    except Exception:
+        log.exception("%s failed", what)
+
+
+def serve_receive(config: Config, token: str, sink: ByteSink, what: str) -> Dict:
+    try:
+        server = StreamServer.open(config.stream_bind, token, ACCEPT_TIMEOUT)
+    except BaseException:
+        sink.abort()
+        raise
+    threading.Thread(target=_serve, args=(what, lambda: server.serve_into(sink)),
+                     name="stream-in", daemon=True).start()
+    return {"address": advertised_address(config), "port": server.port}
+
+
+def serve_send(config: Config, token: str, source: ByteSource, what: str) -> Dict:
+    try:
+        server = StreamServer.open(config.stream_bind, token, ACCEPT_TIMEOUT)
+    except BaseException:
+        source.abort()
+        raise
+    threading.Thread(target=_serve, args=(what, lambda: server.serve_from(source)),
+                     name="stream-out", daemon=True).start()
+    return {"address": advertised_address(config), "port": server.port}

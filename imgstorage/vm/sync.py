@@ -1,0 +1,167 @@
+"""Sync mode on the container: the dm devices, the local copy, the merge.
+
+The VM always sees one device, ``/dev/mapper/<zvol>-snap``; its table changes
+underneath it (snapshot -> snapshot-merge -> linear) with suspend/reload/
+resume, so the VM never notices the switch from the NAS disk to its local copy.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable, Dict, Optional
+
+from .. import naming
+from ..drivers.dm import linear_table, snapshot_merge_table, snapshot_table
+from ..errors import DriverError, ImgStorageError, StateError
+
+log = logging.getLogger(__name__)
+
+MERGE_POLL = 1.0
+
+
+def temp_name(zvol: str) -> str:
+    return f"{zvol}-temp-write"
+
+
+def dm_name(zvol: str) -> str:
+    return f"{zvol}-snap"
+
+
+def merged(figures) -> bool:
+    """dm-snapshot's own test: the merge is done when only metadata is left."""
+    return figures is not None and figures[0] == figures[2]
+
+
+class ContainerSync:
+    """The sync half of the VM-container service (it shares the service's store and drivers)."""
+
+    def __init__(self, service):
+        self.svc = service
+        self.drivers = service.drivers
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.notify: Callable[[str, Dict], None] = service.notify
+
+    # -- map ----------------------------------------------------------------
+    def prepare(self, zvol: str, pool: str, volsize: int) -> None:
+        """Local zvol (full size) and the sparse temp-write zvol, refusing leftovers."""
+        zfs = self.drivers.zfs
+        for name in (zvol, temp_name(zvol)):
+            if zfs.get_zvol(pool, name) is not None:
+                raise StateError(f"{pool}/{name} already exists on {self.svc.config.name} and may "
+                                 "hold data not yet synced to the NAS; clean it up first "
+                                 "(imgstorageadmin or rocks clean host storagemap)")
+        zfs.create_zvol(pool, zvol, volsize)
+        try:
+            zfs.create_zvol(pool, temp_name(zvol), volsize, sparse=True)
+        except ImgStorageError:
+            zfs.destroy(pool, zvol)
+            raise
+
+    def create_snapshot_device(self, zvol: str, pool: str, bdev: str) -> int:
+        sectors = self.drivers.blockdev.size_bytes(bdev) // naming.SECTOR
+        cow = self.drivers.zfs.device_path(pool, temp_name(zvol))
+        self.drivers.dm.create(dm_name(zvol), snapshot_table(sectors, bdev, cow))
+        return sectors
+
+    def discard(self, zvol: str, pool: Optional[str]) -> None:
+        """Undo prepare(): only for a copy that never held the VM's only data."""
+        if self.drivers.dm.exists(dm_name(zvol)):
+            self.drivers.dm.remove(dm_name(zvol))
+        if pool:
+            for name in (temp_name(zvol), zvol):
+                if self.drivers.zfs.get_zvol(pool, name) is not None:
+                    self.drivers.zfs.destroy(pool, name, recursive=True)
+
+    # -- merge --------------------------------------------------------------
+    def _reload(self, zvol: str, table: str) -> None:
+        dm = self.drivers.dm
+        dm.suspend(dm_name(zvol))
+        try:
+            dm.reload(dm_name(zvol), table)
+        finally:
+            dm.resume(dm_name(zvol))
+
+    def start_merge(self, row) -> None:
+        """The copy arrived: merge the temp writes into it, in the kernel, while the VM runs."""
+        zfs = self.drivers.zfs
+        origin = zfs.device_path(row.remotepool, row.zvol)
+        cow = zfs.device_path(row.remotepool, temp_name(row.zvol))
+        self._reload(row.zvol, snapshot_merge_table(row.devsize, origin, cow))
+
+    def finish_merge(self, row) -> None:
+        """Merged: switch to the local copy alone and let go of the NAS."""
+        zfs = self.drivers.zfs
+        self._reload(row.zvol, linear_table(row.devsize, zfs.device_path(row.remotepool, row.zvol)))
+        zfs.destroy(row.remotepool, temp_name(row.zvol), recursive=True)
+        if row.iscsi_target:
+            self.drivers.initiator.logout(row.iscsi_target, row.nas)
+
+    def merge_figures(self, zvol: str):
+        for st in self.drivers.dm.status(dm_name(zvol)):
+            return st.snapshot_figures()
+        return None
+
+    def flush_to_nas(self, row, deadline: float) -> bool:
+        """Merge the temp writes back into the iSCSI disk (the copy never completed).
+
+        Returns True when done; False when the deadline came first (the merge
+        goes on in the kernel and a later unmap finds it further along).
+        """
+        dm = self.drivers.dm
+        status = dm.status(dm_name(row.zvol))
+        if status and status[0].target_type == "snapshot":
+            cow = self.drivers.zfs.device_path(row.remotepool, temp_name(row.zvol))
+            self._reload(row.zvol, snapshot_merge_table(row.devsize, row.bdev, cow))
+            log.info("zvol %s: merging the VM's writes back into the NAS disk", row.zvol)
+        while True:
+            if merged(self.merge_figures(row.zvol)):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+
+    # -- monitor ------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="merge-monitor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(10)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(MERGE_POLL):
+            try:
+                self.tick()
+            except Exception:
+                log.exception("merge monitor tick failed")
+
+    def tick(self) -> None:
+        for row in self.svc.rows(state="merging"):
+            with self.svc.zvol_lock(row.zvol, raise_busy=False) as got:
+                if not got:
+                    continue
+                row = self.svc.row(row.zvol)
+                if row is None or row.state != "merging":
+                    continue
+                try:
+                    figures = self.merge_figures(row.zvol)
+                    if not merged(figures):
+                        continue
+                    self.finish_merge(row)
+                    self.svc.set_state(row.zvol, "local")
+                    log.info("zvol %s merged in %.1fs; running from the local copy", row.zvol,
+                             time.time() - (row.merge_started or time.time()))
+                    self.notify(row.nas_node, {"action": "zvol_synced", "zvol": row.zvol,
+                                               "status": "success"})
+                except ImgStorageError as exc:
+                    log.error("zvol %s: finishing the merge failed: %s", row.zvol, exc)
+                    self.svc.update(row.zvol, last_error=str(exc)[:1000])
+                    self.notify(row.nas_node, {"action": "zvol_synced", "zvol": row.zvol,
+                                               "status": "error", "error": str(exc)})
+
+
+__all__ = ["ContainerSync", "dm_name", "temp_name", "merged", "DriverError"]
