@@ -1,7 +1,7 @@
 import pytest
 
 from imgstorage.errors import StateError
-from imgstorage.nas.states import DISPLAY, TRANSITIONS, Event, State, display, next_state
+from imgstorage.nas.states import DISPLAY, PRIOR, TRANSITIONS, Event, State, display, next_state
 
 
 def test_direct_iscsi_life_cycle():
@@ -26,7 +26,33 @@ def test_forbidden_transitions(state, event):
 def test_failures_return_to_a_stable_state():
     for (state, event), target in TRANSITIONS.items():
         if event is Event.FAILED:
-            assert target in (State.UNMAPPED, State.MAPPED)
+            assert target in (State.UNMAPPED, State.LOCAL, PRIOR)
+
+
+def test_failed_unmap_returns_to_where_it_started():
+    for start in (State.MAPPED, State.UPLOADING, State.MERGING, State.LOCAL, State.PULLING):
+        s = next_state(start.value, Event.UNMAP)
+        assert s == State.UNMAPPING
+        assert next_state(s.value, Event.FAILED, prior=start.value) == start
+
+
+def test_sync_life_cycle_and_its_display():
+    path = [(Event.MAP, State.MAPPING, "mapped"), (Event.ATTACHED_SYNC, State.UPLOADING, "NAS->VM"),
+            (Event.UPLOADED, State.MERGING, "mapped"), (Event.SYNCED, State.LOCAL, "mapped"),
+            (Event.PULL, State.PULLING, "NAS<-VM sched"), (Event.PULLED, State.LOCAL, "mapped"),
+            (Event.UNMAP, State.UNMAPPING, "mapped"),
+            (Event.DETACHED_LOCAL, State.FINAL_PULL, "NAS<-VM"),
+            (Event.PULLED, State.UNMAPPED, "unmapped")]
+    s = State.UNMAPPED
+    for event, expected, shown in path:
+        s = next_state(s.value, event)
+        assert s == expected and display(s.value) == shown
+
+
+def test_a_final_pull_cannot_be_abandoned():
+    """Nothing leads from final_pull to unmapped except a pull that arrived."""
+    exits = {e for (s, e) in TRANSITIONS if s is State.FINAL_PULL}
+    assert exits == {Event.PULLED}
 
 
 def test_every_state_is_displayed_as_the_seed_does():
