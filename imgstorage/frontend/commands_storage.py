@@ -18,7 +18,7 @@ from typing import Any, List, Optional
 from .. import naming, protocol
 from ..errors import ImgStorageError, ValidationError
 from .commands_base import Arg, Invocation, Param, bool_param, command, none_or
-from .tables import Table, elapsed
+from .tables import Table, elapsed, percent, rate, synced
 
 _NAS = Arg("NAS", "a registered NAS (appliance nas, or attribute img_storage_nas=true)")
 
@@ -107,18 +107,26 @@ def remove_host_storageimg(inv: Invocation) -> None:
     args=(Arg("NAS", "registered NAS servers", many=True),),
     description="STATE is unmapped, mapped, NAS->VM (copy to the host under way), NAS<-VM (final "
                 "copy back after unmap) or NAS<-VM sched (periodic copy back); TIME is how "
-                "long the running copy has taken.",
+                "long the running copy has taken, PROGRESS its share of the estimated "
+                "stream size and RATE its current speed.",
     example="rocks list host storagemap nas-0-0")
 def list_host_storagemap(inv: Invocation) -> None:
-    table = Table(["NAS", "ZVOL", "HOST", "ZPOOL", "TARGET", "STATE", "TIME"])
+    rows = []
     for nas in _nases(inv, inv.args["nas"]):
         body = inv.request(nas, {"action": "list_zvols"}).get("body")
         if not isinstance(body, list) or not all(isinstance(r, dict) for r in body):
             raise _malformed(nas, "zvol list")
         now = time.time()
         for row in body:
-            table.add(nas, row.get("zvol"), row.get("remotehost"), row.get("zpool"),
-                      row.get("iscsi_target"), row.get("state"), elapsed(row.get("time"), now))
+            rows.append([nas, row.get("zvol"), row.get("remotehost"), row.get("zpool"),
+                         row.get("iscsi_target"), row.get("state"), elapsed(row.get("time"), now),
+                         percent(row.get("progress")), rate(row.get("rate"))])
+    # The seed's columns always; a running transfer's figures only while one runs.
+    moving = any(r[7] or r[8] for r in rows)
+    headers = ["NAS", "ZVOL", "HOST", "ZPOOL", "TARGET", "STATE", "TIME"]
+    table = Table(headers + (["PROGRESS", "RATE"] if moving else []))
+    for r in rows:
+        table.add(*(r if moving else r[:7]))
     inv.table(table)
 
 
@@ -128,7 +136,8 @@ def list_host_storagemap(inv: Invocation) -> None:
     description="STATUS is snapshot (booted on the remote disk while the copy runs), "
                 "snapshot-merge (merging into the local copy), linear (local) or iscsi "
                 "(direct); SYNCED shows the blocks left to merge, the merge is done when the "
-                "first number equals the last.",
+                "first number equals the last; the percentage is how much of the merge is "
+                "done.",
     example="rocks list host storagedev compute-0-3")
 def list_host_storagedev(inv: Invocation) -> None:
     table = Table(["HOST", "ZVOL", "LVM", "STATUS", "SIZE (GB)", "BLOCK DEV", "IS STARTED",
@@ -141,7 +150,8 @@ def list_host_storagedev(inv: Invocation) -> None:
         for key, dev in body.items():
             table.add(host, dev.get("zvol") or key, dev.get("device"), dev.get("status"),
                       dev.get("size"), dev.get("bdev"), 1 if dev.get("started") else None,
-                      dev.get("synced"), elapsed(dev.get("time"), now))
+                      synced(dev.get("synced"), dev.get("synced_percent")),
+                      elapsed(dev.get("time"), now))
     inv.table(table)
 
 

@@ -149,3 +149,28 @@ def elapsed(start: Any, now: float) -> Optional[str]:
     except (TypeError, ValueError):
         return None
     return str(timedelta(seconds=max(0, seconds)))
+
+
+def percent(value: Any) -> Optional[str]:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    return f"{value:.0f}%"
+
+
+def rate(value: Any) -> Optional[str]:
+    """Bytes per second as an operator reads them."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        return None
+    for unit in ("B/s", "KB/s", "MB/s", "GB/s"):
+        if value < 1000 or unit == "GB/s":
+            return f"{value:.0f} {unit}" if unit == "B/s" else f"{value:.1f} {unit}"
+        value /= 1000.0
+    return None  # pragma: no cover
+
+
+def synced(figures: Any, share: Any) -> Optional[str]:
+    """The kernel's own figures, then how much of the merge is done."""
+    if not isinstance(figures, str) or not figures:
+        return None
+    pct = percent(share)
+    return f"{figures} ({pct})" if pct else figures

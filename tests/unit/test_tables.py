@@ -210,3 +210,12 @@ def test_render_lines_without_owner_semantics():
 ])
 def test_elapsed(start, now, text):
     assert elapsed(start, now) == text
+
+
+def test_transfer_figures_for_operators():
+    from imgstorage.frontend.tables import percent, rate, synced
+    assert percent(41.6) == "42%" and percent(None) is None and percent(True) is None
+    assert rate(512) == "512 B/s" and rate(2_500_000) == "2.5 MB/s" and rate(0) is None
+    assert synced("9099712/73400320 17760", 12.0) == "9099712/73400320 17760 (12%)"
+    assert synced("32/73400320 32", None) == "32/73400320 32"
+    assert synced(None, 50) is None
