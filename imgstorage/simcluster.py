@@ -55,13 +55,14 @@ class SimCluster:
     def __init__(self, workdir: Path, broker: str, nas: Sequence[str] = ("nas-0-0",),
                  containers: Sequence[str] = ("vm-container-0-14", "compute-0-3"),
                  pool: str = "tank", node_settings: Optional[Dict[str, dict]] = None,
-                 debug: bool = True):
+                 node_env: Optional[Dict[str, Dict[str, str]]] = None, debug: bool = True):
         self.workdir = Path(workdir)
         self.broker = broker
         self.nas = list(nas)
         self.containers = list(containers)
         self.pool = pool
         self.node_settings = node_settings or {}
+        self.node_env = node_env or {}     # e.g. a slower simulated merge on one container
         self.debug = debug
         self.sim_root = self.workdir / "sim"
         self.procs: Dict[str, subprocess.Popen] = {}
@@ -97,6 +98,7 @@ class SimCluster:
 
     def env(self, node: str = "frontend") -> Dict[str, str]:
         env = dict(os.environ)
+        env.update(self.node_env.get(node, {}))
         env["IMGSTORAGE_CONF"] = str(self.config_path(node))
         return env
 
