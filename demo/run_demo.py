@@ -51,9 +51,50 @@ def _quote(arg: str) -> str:
     return f'"{arg}"' if (" " in arg or not arg) else arg
 
 
+def wait_state(demo: Demo, zvol: str, states, timeout: float = 120.0) -> str:
+    """Poll the storagemap (quietly) until ``zvol`` reaches one of ``states``."""
+    import json
+    deadline = time.monotonic() + timeout
+    state = "?"
+    while time.monotonic() < deadline:
+        proc = demo.c.rocks("list", "host", "storagemap", "nas-0-0", "output-format=json")
+        if proc.returncode == 0:
+            rows = {r["zvol"]: r for r in json.loads(proc.stdout)}
+            state = rows.get(zvol, {}).get("state", "gone")
+            if state in states:
+                return state
+        time.sleep(0.5)
+    demo.failures += 1
+    print(f"!!! {zvol} did not reach {states} within {timeout:g} s (it is {state})")
+    return state
+
+
+def wait_dev(demo: Demo, host: str, zvol: str, status: str, timeout: float = 120.0) -> None:
+    import json
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc = demo.c.rocks("list", "host", "storagedev", host, "output-format=json")
+        if proc.returncode == 0 and any(d.get("zvol") == zvol and d.get("status") == status
+                                        for d in json.loads(proc.stdout)):
+            return
+        time.sleep(0.5)
+    demo.failures += 1
+    print(f"!!! {zvol} on {host} never reached {status}")
+
+
+def check_bytes(demo: Demo, zvol: str, offset: int, payload: bytes) -> None:
+    back = demo.shell("sim", "read", "--host", "nas-0-0", f"/dev/zvol/tank/{zvol}",
+                      "--offset", str(offset), "--length", str(len(payload)))
+    if back.encode() != payload:
+        demo.failures += 1
+        print("!!! the NAS does not hold what the VM wrote")
+    else:
+        print("(the NAS holds exactly the bytes the VM wrote)")
+
+
 def run(demo: Demo) -> None:
     d = demo
-    d.say("The cluster: one NAS with pool 'tank', two VM containers")
+    d.say("The cluster: one NAS with pool 'tank', two VM containers with local pools")
     d.rocks("add", "host", "nas-0-0", "appliance=nas")
     d.rocks("add", "host", "vm-container-0-14", "appliance=vm-container")
     d.rocks("add", "host", "compute-0-3", "appliance=vm-container")
@@ -61,42 +102,62 @@ def run(demo: Demo) -> None:
     d.rocks("list", "host")
     d.shell("sim", "zfs", "list", "--host", "nas-0-0")
 
-    d.say("Enable a remote virtual disk for a VM (direct iSCSI mode)")
+    d.say("Enable a remote virtual disk for a VM (direct iSCSI mode: img_sync is false)")
     d.rocks("add", "host", "vm", "vm-container-0-14", "compute", "disksize=36")
     d.rocks("add", "host", "vm", "vm-container-0-14", "compute", "disksize=10")
     d.rocks("set", "host", "vm", "nas", "compute-0-14-0", "nas=nas-0-0", "zpool=tank")
     d.rocks("set", "host", "vm", "nas", "compute-0-14-1", "nas=nas-0-0")
     d.rocks("list", "host", "vm", "nas")
-    out = d.rocks("start", "host", "vm", "compute-0-14-0")
+    out = d.rocks("start", "host", "vm", "compute-0-14-1")
     bdev = out.strip().rsplit(":", 1)[-1] if "mapped to" in out else "/dev/sdb"
-    d.rocks("start", "host", "vm", "compute-0-14-1")
     d.rocks("list", "host", "vm")
-    d.shell("sim", "zfs", "list", "--host", "nas-0-0")
     d.rocks("list", "host", "storagemap", "nas-0-0")
     d.rocks("list", "host", "storagedev", "vm-container-0-14")
-
-    d.say("The VM writes to its disk; the bytes land in the NAS's zvol")
-    payload = f"written by compute-0-14-0 at {time.strftime('%H:%M:%S')}\n".encode()
+    payload = f"written by compute-0-14-1 at {time.strftime('%H:%M:%S')}\n".encode()
     d.shell("sim", "write", "--host", "vm-container-0-14", bdev, "--offset", "1048576",
             input=payload)
+    d.rocks("stop", "host", "vm", "compute-0-14-1")
+    check_bytes(d, "compute-0-14-1-vol", 1048576, payload)
+
+    d.say("VM boot workflow with image sync (img_sync true on the container)")
+    d.rocks("set", "host", "attr", "vm-container-0-14", "img_sync", "true")
+    d.rocks("start", "host", "vm", "compute-0-14-0")
+    d.rocks("list", "host", "storagemap", "nas-0-0")
+    d.rocks("list", "host", "storagedev", "vm-container-0-14")
+    early = b"written while the VM ran on the NAS disk\n"
+    d.shell("sim", "write", "--host", "vm-container-0-14", "/dev/mapper/compute-0-14-0-vol-snap",
+            "--offset", "4096", input=early)
+    wait_dev(d, "vm-container-0-14", "compute-0-14-0-vol", "linear")
+    print("(the copy arrived, the temp writes were merged, the VM now runs from its local copy)")
+    d.rocks("list", "host", "storagemap", "nas-0-0")
+    d.rocks("list", "host", "storagedev", "vm-container-0-14")
+    d.shell("sim", "zfs", "list", "--host", "vm-container-0-14")
+    late = b"written after the switch to the local copy\n"
+    d.shell("sim", "write", "--host", "vm-container-0-14", "/dev/mapper/compute-0-14-0-vol-snap",
+            "--offset", "8192", input=late)
     d.rocks("stop", "host", "vm", "compute-0-14-0")
     d.rocks("list", "host", "storagemap", "nas-0-0")
-    back = d.shell("sim", "read", "--host", "nas-0-0", "/dev/zvol/tank/compute-0-14-0-vol",
-                   "--offset", "1048576", "--length", str(len(payload)))
-    if back.encode() != payload:
-        d.failures += 1
-        print("!!! the NAS does not hold what the VM wrote")
-    else:
-        print("(the NAS holds exactly the bytes the VM wrote)")
+    wait_state(d, "compute-0-14-0-vol", {"unmapped"})
+    d.rocks("list", "host", "storagemap", "nas-0-0")
+    check_bytes(d, "compute-0-14-0-vol", 4096, early)
+    check_bytes(d, "compute-0-14-0-vol", 8192, late)
+    d.shell("sim", "zfs", "list", "--host", "vm-container-0-14")
 
     d.say("Manual storage maps")
-    d.rocks("add", "host", "storagemap", "nas-0-0", "tank", "vol1", "compute-0-3", "10")
+    d.rocks("add", "host", "storagemap", "nas-0-0", "tank", "vol1", "compute-0-3", "10",
+            "img_sync=true", "remotepool=tank")
+    d.rocks("list", "host", "storagemap", "nas-0-0")
+    wait_state(d, "vol1", {"mapped"})
+    wait_dev(d, "compute-0-3", "vol1", "linear")
     d.rocks("list", "host", "storagemap", "nas-0-0")
     d.rocks("list", "host", "storagedev", "compute-0-3")
     d.rocks("add", "host", "storagemap", "nas-0-0", "tank", "vol1", "vm-container-0-14", "10",
             expect_ok=False)
     d.rocks("remove", "host", "storageimg", "nas-0-0", "tank", "vol1", expect_ok=False)
     d.rocks("remove", "host", "storagemap", "nas-0-0", "vol1")
+    d.rocks("list", "host", "storagemap", "nas-0-0")
+    wait_state(d, "vol1", {"unmapped"})
+    d.rocks("list", "host", "storagemap", "nas-0-0")
     d.rocks("remove", "host", "storageimg", "nas-0-0", "tank", "vol1")
     d.rocks("list", "host", "storagemap", "nas-0-0")
 
@@ -116,9 +177,6 @@ def run(demo: Demo) -> None:
     d.rocks("add", "host", "storagemap", "nas-0-0", "nopool", "vol2", "compute-0-3", "5",
             expect_ok=False)
     d.rocks("list", "host", "storagemap", "nas-0-9", expect_ok=False)
-
-    d.say("Stop the last VM")
-    d.rocks("stop", "host", "vm", "compute-0-14-1")
     d.rocks("list", "host", "storagemap", "nas-0-0")
 
 
