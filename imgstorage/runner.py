@@ -57,10 +57,20 @@ class Runner:
         return result
 
     def popen(self, argv: Sequence[str], **kwargs) -> subprocess.Popen:
-        """Start a long-running command (a send or receive stream)."""
+        """Start a long-running command (a send or receive stream).
+
+        The caller owns the pipes and the wait; only a missing program is
+        reported here, in the same words as :meth:`run`, so a node without
+        ``zfs`` or ``ssh`` fails the same way whether it streams or not.
+        """
         argv = [str(a) for a in argv]
+        if not argv:
+            raise ValueError("empty command")
         log.debug("starting %s", argv)
-        return subprocess.Popen(argv, **kwargs)
+        try:
+            return subprocess.Popen(argv, **kwargs)
+        except FileNotFoundError:
+            raise CommandError(argv, 127, f"{argv[0]}: command not found") from None
 
 
 def _scrub(data, redact: Sequence[str]) -> str:

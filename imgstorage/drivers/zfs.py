@@ -5,18 +5,27 @@ with exact byte counts, and libzfs_core has no stable listing call.  Creating
 and destroying use libzfs_core when pyzfs is installed, because errno values
 are sturdier than parsed text; the command stays the fallback for what the
 library cannot do the same way.
+
+Sync mode adds snapshots and streams.  A stream is a child process (``zfs
+send`` writing to a pipe, ``zfs receive`` reading one) wrapped as a
+ByteSource or ByteSink; the same wrappers carry the remote commands that
+imgstorage.transfer runs over ssh, so a refused stream reads the same
+whichever host refused it.
 """
 from __future__ import annotations
 
 import errno
 import logging
 import os
+import subprocess
+import tempfile
+import threading
 import time
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Sequence
 
 from ..errors import CommandError, DriverError, NotFoundError
 from ..runner import Runner
-from .base import ZvolInfo
+from .base import ByteSink, ByteSource, ZvolInfo
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +39,26 @@ POLL_INTERVAL = 0.1
 # libzfs_core hands properties to the kernel untranslated, and the kernel
 # takes index properties as numbers: 1 is "metadata" for primarycache.
 PRIMARYCACHE_METADATA = 1
+# Once ``zfs send`` has written its last byte it only has to exit.
+SEND_EXIT_TIMEOUT = 120.0
+# ``zfs receive`` commits after end of input: it replays the tail of the
+# stream and syncs a transaction group, which a busy pool can make slow.
+RECEIVE_COMMIT_TIMEOUT = 600.0
+STDERR_TAIL = 64 * 1024
 
 
 def _missing(stderr: str) -> bool:
     return "dataset does not exist" in stderr
+
+
+def _no_snapshot(stderr: str) -> bool:
+    # ``zfs destroy pool/vol@snap`` words a missing snapshot this way.
+    return "could not find any snapshots to destroy" in stderr or _missing(stderr)
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 def _number(text: str) -> int:
@@ -55,6 +80,273 @@ def parse_zfs_list(stdout: str) -> List[ZvolInfo]:
         except ValueError as exc:
             log.warning("ignoring unreadable zfs list line %r: %s", line, exc)
     return zvols
+
+
+def parse_snapshot_list(stdout: str, dataset: str) -> List[str]:
+    """Snapshot names (the part after ``@``) of ``dataset``, in the order listed.
+
+    ``-d 1`` already keeps other datasets out; the prefix check is there so a
+    line we did not ask for can never be taken for one of ours.
+    """
+    prefix = dataset + "@"
+    names = []
+    for line in stdout.splitlines():
+        line = line.strip()
+        if line.startswith(prefix) and len(line) > len(prefix):
+            names.append(line[len(prefix):])
+        elif line:
+            log.warning("ignoring unexpected zfs list line %r", line)
+    return names
+
+
+def parse_send_size(output: str) -> Optional[int]:
+    r"""The byte estimate in the parsable output of ``zfs send -nP``.
+
+    OpenZFS prints one line per stream (``full\tTO\tBYTES`` or
+    ``incremental\tFROM\tTO\tBYTES``; ``-I`` gives one per intermediate
+    snapshot) and then ``size\tBYTES`` with the total.  The total wins; the
+    per-stream lines are summed only when a version printed no total.
+    """
+    total = None
+    streams = []
+    for line in output.splitlines():
+        fields = line.strip().split("\t")
+        try:
+            if fields[0] == "size" and len(fields) == 2:
+                total = int(fields[1])
+            elif ((fields[0] == "full" and len(fields) == 3)
+                  or (fields[0] == "incremental" and len(fields) == 4)):
+                streams.append(int(fields[-1]))
+        except ValueError:
+            log.warning("ignoring unreadable zfs send estimate line %r", line)
+    if total is not None:
+        return total
+    if streams:
+        return sum(streams)
+    return None
+
+
+def send_argv(pool: str, zvol: str, snap: str, base: Optional[str] = None,
+              estimate: bool = False) -> List[str]:
+    """``zfs send``'s argv; shared with the ssh transport, which runs it remotely.
+
+    ``-I`` rather than ``-i``: the original scripts sent every intermediate
+    snapshot too, so the receiver ends up with the same history.
+    """
+    argv = ["zfs", "send"]
+    if estimate:
+        argv.append("-nP")
+    if base:
+        argv += ["-I", f"@{base}"]
+    argv.append(f"{pool}/{zvol}@{snap}")
+    return argv
+
+
+def receive_argv(pool: str, zvol: str) -> List[str]:
+    """``zfs receive``'s argv.
+
+    ``-F`` rolls the destination back to its newest snapshot first: the VM
+    container's copy has been written since, and those writes are exactly
+    what the incremental stream replaces.
+    """
+    return ["zfs", "receive", "-F", f"{pool}/{zvol}"]
+
+
+# ------------------------------------------------------------------ streams
+class ReceiveMismatch(CommandError):
+    """The destination's snapshots do not line up with the stream.
+
+    A separate class because the caller can do something about it: start
+    over with a full stream into a fresh zvol instead of failing the sync.
+    """
+
+
+_MISMATCH_MARKERS = (
+    "does not match incremental source",     # newest snapshot is not the stream's base
+    "has been modified since most recent snapshot",  # only without -F
+    "destination has snapshots",             # a full stream into a zvol with history
+)
+
+
+def stream_error(argv: Sequence[str], returncode: Optional[int], stderr: str) -> CommandError:
+    """The error for a failed send or receive, from what the command printed."""
+    flat = " ".join(stderr.split())   # zfs wraps some messages over two lines
+    if any(marker in flat for marker in _MISMATCH_MARKERS):
+        return ReceiveMismatch(argv, returncode, stderr)
+    return CommandError(argv, returncode, stderr)
+
+
+def is_receive_mismatch(exc: BaseException) -> bool:
+    """Whether a failed transfer needs a fresh full stream rather than a retry.
+
+    By text as well as by class: the refusal may have crossed a socket or
+    come from the simulated driver, and then only its words survive.
+    """
+    if isinstance(exc, ReceiveMismatch):
+        return True
+    flat = " ".join(str(exc).split())
+    return any(marker in flat for marker in _MISMATCH_MARKERS)
+
+
+class _StreamProcess:
+    """A child process at one end of a pipe, its stderr kept aside.
+
+    stderr goes to an unlinked temporary file rather than a pipe: nobody
+    reads stderr while the data flows, and a child blocked on a full stderr
+    pipe would stall the stream forever.
+    """
+
+    def __init__(self, runner: Runner, argv: Sequence[str], *, produces: bool,
+                 wait_timeout: float,
+                 classify: Callable[[Sequence[str], Optional[int], str], CommandError]) -> None:
+        self.argv = [str(a) for a in argv]
+        self._wait_timeout = wait_timeout
+        self._classify = classify
+        self._lock = threading.Lock()
+        self._done = False
+        self._stderr = tempfile.TemporaryFile()
+        try:
+            if produces:
+                self._proc = runner.popen(self.argv, stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.PIPE, stderr=self._stderr)
+            else:
+                self._proc = runner.popen(self.argv, stdin=subprocess.PIPE,
+                                          stdout=subprocess.DEVNULL, stderr=self._stderr)
+        except BaseException:
+            self._stderr.close()
+            raise
+
+    def _stderr_text(self) -> str:
+        try:
+            size = os.fstat(self._stderr.fileno()).st_size
+            self._stderr.seek(max(0, size - STDERR_TAIL))
+            return self._stderr.read().decode("utf-8", "replace")
+        except (OSError, ValueError):
+            return ""
+
+    def _kill(self) -> None:
+        if self._proc.poll() is None:
+            try:
+                self._proc.kill()
+            except OSError:
+                pass
+        try:
+            self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            # Stuck in the kernel (D state); nothing more we can do from here.
+            log.warning("%s did not exit after SIGKILL", self.argv)
+
+    def _release(self) -> None:
+        self._done = True
+        for pipe in (self._proc.stdin, self._proc.stdout):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except (OSError, ValueError):
+                    pass   # a flush into a dead child: its status says why
+        self._stderr.close()
+
+    def _finish(self, timeout: float) -> None:
+        """Reap the child; a non-zero exit becomes an error holding its stderr."""
+        try:
+            returncode = self._proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with self._lock:
+                self._kill()
+                stderr = self._stderr_text()
+                self._release()
+            raise CommandError(self.argv, None, stderr, timed_out=True) from None
+        with self._lock:
+            stderr = self._stderr_text()
+            self._release()
+        if returncode != 0:
+            raise self._classify(self.argv, returncode, stderr)
+
+    def _check_open(self) -> None:
+        if self._done:
+            raise DriverError(f"the stream of `{' '.join(self.argv)}` is already closed")
+
+    def abort(self) -> None:
+        """Kill the child; what it produced or received is thrown away."""
+        with self._lock:
+            if self._done:
+                return
+            self._kill()
+            self._release()
+
+
+class CommandSource(_StreamProcess):
+    """ByteSource over a command's stdout (``zfs send``, locally or over ssh)."""
+
+    def __init__(self, runner: Runner, argv: Sequence[str], *,
+                 wait_timeout: float = SEND_EXIT_TIMEOUT,
+                 classify: Callable[[Sequence[str], Optional[int], str], CommandError] = stream_error
+                 ) -> None:
+        super().__init__(runner, argv, produces=True, wait_timeout=wait_timeout, classify=classify)
+
+    def read(self, n: int) -> bytes:
+        self._check_open()
+        try:
+            # read1: whatever the pipe holds, so progress and cancel checks
+            # keep pace with a slow producer instead of waiting for n bytes.
+            return self._proc.stdout.read1(n)
+        except (OSError, ValueError) as exc:
+            raise DriverError(f"reading from `{' '.join(self.argv)}` failed: {exc}") from None
+
+    def close(self) -> None:
+        """Wait for the producer; raise if it failed (the stream is then incomplete).
+
+        Closing before the end makes the producer fail on a broken pipe,
+        which is the truth: the stream was not consumed.
+        """
+        if self._done:
+            return
+        try:
+            self._proc.stdout.close()
+        except OSError:
+            pass
+        self._finish(self._wait_timeout)
+
+
+class CommandSink(_StreamProcess):
+    """ByteSink over a command's stdin (``zfs receive``, locally or over ssh)."""
+
+    def __init__(self, runner: Runner, argv: Sequence[str], *,
+                 wait_timeout: float = RECEIVE_COMMIT_TIMEOUT,
+                 classify: Callable[[Sequence[str], Optional[int], str], CommandError] = stream_error
+                 ) -> None:
+        super().__init__(runner, argv, produces=False, wait_timeout=wait_timeout, classify=classify)
+
+    def write(self, data: bytes) -> None:
+        self._check_open()
+        try:
+            self._proc.stdin.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            self._consumer_quit()
+        except (OSError, ValueError) as exc:
+            if self._done:   # aborted from another thread while we were blocked
+                raise DriverError(f"the stream of `{' '.join(self.argv)}` was aborted") from None
+            raise DriverError(f"writing to `{' '.join(self.argv)}` failed: {exc}") from None
+
+    def close(self) -> None:
+        """End the input and wait for the consumer to commit; raise if it did not."""
+        if self._done:
+            return
+        try:
+            self._proc.stdin.close()
+        except (BrokenPipeError, ConnectionResetError):
+            self._consumer_quit()
+            return
+        except (OSError, ValueError):
+            pass
+        self._finish(self._wait_timeout)
+
+    def _consumer_quit(self) -> None:
+        """The consumer exited mid-stream: report its reason, not the broken pipe."""
+        if self._done:
+            raise DriverError(f"the stream of `{' '.join(self.argv)}` was aborted")
+        self._finish(min(self._wait_timeout, SEND_EXIT_TIMEOUT))
+        raise DriverError(f"`{' '.join(self.argv)}` exited before reading the whole stream")
 
 
 class ZfsCli:
@@ -124,6 +416,61 @@ class ZfsCli:
             if _missing(result.stderr):
                 raise NotFoundError(f"zvol {name} does not exist")
             raise CommandError(argv, result.returncode, result.stderr, result.stdout)
+
+    # ---------------------------------------------------------- snapshots
+    def snapshot(self, pool: str, zvol: str, snap: str) -> None:
+        name = f"{pool}/{zvol}"
+        argv = ["zfs", "snapshot", f"{name}@{snap}"]
+        result = self.runner.run(argv, check=False)
+        if result.returncode != 0:
+            if _missing(result.stderr):
+                raise NotFoundError(f"zvol {name} does not exist")
+            raise CommandError(argv, result.returncode, result.stderr, result.stdout)
+
+    def list_snapshots(self, pool: str, zvol: str) -> List[str]:
+        name = f"{pool}/{zvol}"
+        argv = ["zfs", "list", "-Hp", "-t", "snapshot", "-o", "name", "-s", "creation",
+                "-d", "1", name]
+        result = self.runner.run(argv, check=False)
+        if result.returncode != 0:
+            if _missing(result.stderr):
+                # Not an empty list: "no snapshots" would send a full stream
+                # over a zvol that is simply not there.
+                raise NotFoundError(f"zvol {name} does not exist")
+            raise CommandError(argv, result.returncode, result.stderr, result.stdout)
+        return parse_snapshot_list(result.stdout, name)
+
+    def destroy_snapshot(self, pool: str, zvol: str, snap: str) -> None:
+        full = f"{pool}/{zvol}@{snap}"
+        argv = ["zfs", "destroy", full]
+        result = self.runner.run(argv, check=False)
+        if result.returncode != 0:
+            if _no_snapshot(result.stderr):
+                raise NotFoundError(f"snapshot {full} does not exist")
+            raise CommandError(argv, result.returncode, result.stderr, result.stdout)
+
+    # ------------------------------------------------------------ streams
+    def send_size(self, pool: str, zvol: str, snap: str, base: Optional[str] = None) -> int:
+        """Estimated stream size, so progress can show a percentage and an ETA."""
+        argv = send_argv(pool, zvol, snap, base, estimate=True)
+        result = self.runner.run(argv, check=False)
+        if result.returncode != 0:
+            if _missing(result.stderr):
+                raise NotFoundError(_last_line(result.stderr))
+            raise CommandError(argv, result.returncode, result.stderr, result.stdout)
+        size = parse_send_size(result.stdout)
+        if size is None:
+            # Some versions printed the dry run's verbose lines on stderr.
+            size = parse_send_size(result.stderr)
+        if size is None:
+            raise DriverError(f"`{' '.join(argv)}` printed no size estimate")
+        return size
+
+    def send(self, pool: str, zvol: str, snap: str, base: Optional[str] = None) -> ByteSource:
+        return CommandSource(self.runner, send_argv(pool, zvol, snap, base))
+
+    def receive(self, pool: str, zvol: str) -> ByteSink:
+        return CommandSink(self.runner, receive_argv(pool, zvol))
 
     def _wait_for_device(self, path: str) -> None:
         """udev makes the /dev/zvol link after zfs returns; callers open it at once."""
@@ -207,6 +554,46 @@ class LibZfsCoreZfs(ZfsCli):
             if not (recursive and code in (errno.EBUSY, errno.EEXIST)):
                 raise DriverError(f"cannot destroy '{name}': {exc}") from None
         super().destroy(pool, zvol, recursive=True)
+
+    def snapshot(self, pool: str, zvol: str, snap: str) -> None:
+        name = f"{pool}/{zvol}@{snap}"
+        try:
+            self.lzc.lzc_snapshot([name.encode()])
+        except self._zfs_error as exc:
+            code = _first_errno(exc)
+            if code == errno.ENOENT:
+                raise NotFoundError(f"zvol {pool}/{zvol} does not exist") from None
+            if code == errno.EEXIST:
+                raise DriverError(f"cannot create snapshot '{name}': dataset already exists") from None
+            raise DriverError(f"cannot create snapshot '{name}': {exc}") from None
+
+    def destroy_snapshot(self, pool: str, zvol: str, snap: str) -> None:
+        name = f"{pool}/{zvol}@{snap}"
+        # lzc_destroy_snaps silently skips a snapshot that is not there; ask
+        # first so a wrong name is reported as the command would.
+        if not self.lzc.lzc_exists(name.encode()):
+            raise NotFoundError(f"snapshot {name} does not exist")
+        try:
+            self.lzc.lzc_destroy_snaps([name.encode()], defer=False)
+        except self._zfs_error as exc:
+            code = _first_errno(exc)
+            if code == errno.EBUSY:
+                reason = "dataset is busy"
+            elif code == errno.EEXIST:
+                reason = "snapshot is cloned"
+            else:
+                reason = str(exc)
+            raise DriverError(f"cannot destroy snapshot {name}: {reason}") from None
+
+
+def _first_errno(exc: Exception) -> Optional[int]:
+    """pyzfs reports batch calls as a list of per-name errors; ours hold one name."""
+    errors = getattr(exc, "errors", None)
+    if errors:
+        code = getattr(errors[0], "errno", None)
+        if code is not None:
+            return code
+    return getattr(exc, "errno", None)
 
 
 def make_zfs(runner: Runner) -> ZfsCli:

@@ -133,9 +133,10 @@ def test_destroy_refuses_a_volume_that_is_exported(tmp_path, nas):
 
 def test_snapshots_are_children(tmp_path, nas):
     nas.create_zvol("tank", "v", GIB, sparse=True)
-    (tmp_path / "nas" / "zfs" / "tank" / "v" / "snapshots" / "s1").mkdir()
+    nas.snapshot("tank", "v", "s1")
     with pytest.raises(DriverError, match=r"^cannot destroy 'tank/v': volume has children$"):
         nas.destroy("tank", "v", recursive=False)
+    assert nas.list_snapshots("tank", "v") == ["s1"]
     nas.destroy("tank", "v", recursive=True)
     assert nas.get_zvol("tank", "v") is None
 

@@ -1,7 +1,8 @@
 """Block devices as a simulated host sees them, with real bytes behind them.
 
 A device path means what it means on that host: ``/dev/zvol/<pool>/<vol>`` is
-one of its zvols, ``/dev/sdX`` one of its iSCSI sessions (whose bytes live on
+one of its zvols (``/dev/zvol/<pool>/<vol>@<snap>`` a read-only snapshot of
+one, as with ``snapdev=visible``), ``/dev/sdX`` one of its iSCSI sessions (whose bytes live on
 the NAS, behind the target's backing device), ``/dev/mapper/<name>`` one of its
 device-mapper devices.  Every access resolves the path again, as the kernel
 maps every request with the current state: a target deleted on the NAS or a
@@ -18,6 +19,7 @@ from typing import ContextManager, List, Union
 
 from ...errors import DriverError, ValidationError
 from . import hypervisor, initiator, state, target
+from .snapshots import NoSuchVolume, Volume, snapshot_name
 
 SECTOR = 512
 # Deeper stacks than this are a cycle (a table reloaded to point at a device
@@ -85,11 +87,16 @@ class SimDevice(ABC):
 
 
 class FileDevice(SimDevice):
-    """A zvol: its sparse data file.  Holes read as zeros, as on ZFS."""
+    """A zvol: its sparse data file.  Holes read as zeros, as on ZFS.
 
-    def __init__(self, path: str, data: Path):
+    Writes go through the volume's one write path, which keeps its snapshots'
+    copy-on-write bookkeeping; reads of the live volume need no lock.
+    """
+
+    def __init__(self, path: str, volume: Volume):
         super().__init__(path)
-        self.data = data
+        self.volume = volume
+        self.data = volume.data
 
     def _gone(self) -> DeviceIOError:
         return DeviceIOError(f"I/O error on {self.path}: the volume no longer exists")
@@ -121,17 +128,37 @@ class FileDevice(SimDevice):
 
     def _write(self, offset: int, data: bytes) -> None:
         try:
-            fd = os.open(self.data, os.O_WRONLY)
-        except FileNotFoundError:
+            self.volume.write(offset, data)
+        except NoSuchVolume:
             raise self._gone() from None
+
+
+class SnapshotDevice(SimDevice):
+    """``/dev/zvol/<pool>/<vol>@<snap>``: a snapshot's bytes, read-only."""
+
+    def __init__(self, path: str, volume: Volume, snap: str):
+        super().__init__(path)
+        self.volume, self.snap = volume, snap
+
+    def _gone(self) -> DeviceIOError:
+        return DeviceIOError(f"I/O error on {self.path}: the snapshot no longer exists")
+
+    def _size(self) -> int:
         try:
-            view = memoryview(data)
-            while view:
-                done = os.pwrite(fd, view, offset)
-                view = view[done:]
-                offset += done
-        finally:
-            os.close(fd)
+            if self.snap not in [s.name for s in self.volume.snapshots()]:
+                raise self._gone()
+            return self.volume.geometry()[0]
+        except NoSuchVolume:
+            raise self._gone() from None
+
+    def _read(self, offset: int, length: int) -> bytes:
+        try:
+            return self.volume.read_snapshot(self.snap, offset, length)
+        except DriverError:
+            raise self._gone() from None
+
+    def _write(self, offset: int, data: bytes) -> None:
+        raise DeviceIOError(f"I/O error on {self.path}: Read-only file system")
 
 
 class IscsiDevice(SimDevice):
@@ -174,12 +201,17 @@ def _dm():
 
 
 def parse_path(path: str) -> tuple:
-    """``("zvol", pool, vol)``, ``("sd", "sdb")`` or ``("mapper", name)``."""
+    """``("zvol", pool, vol)``, ``("snapshot", pool, vol, snap)``, ``("sd", "sdb")``
+    or ``("mapper", name)``."""
     if not isinstance(path, str):
         raise ValidationError("invalid device path: expected a string")
     m = _ZVOL_RE.match(path)
     if m:
-        return ("zvol", state.zpool_name(m.group(1)), state.zvol_name(m.group(2)))
+        vol, at, snap = m.group(2).partition("@")
+        if at:
+            return ("snapshot", state.zpool_name(m.group(1)), state.zvol_name(vol),
+                    snapshot_name(snap))
+        return ("zvol", state.zpool_name(m.group(1)), state.zvol_name(vol))
     m = _SD_RE.match(path)
     if m:
         return ("sd", m.group(1))
@@ -198,11 +230,15 @@ def open_device(root: Union[str, Path], host: str, path: str, *, _depth: int = 0
     root = Path(root)
     state.sim_host(host)
     kind = parse_path(path)
-    if kind[0] == "zvol":
-        data = state.zvol_data(root, host, kind[1], kind[2])
-        if not data.is_file():
+    if kind[0] in ("zvol", "snapshot"):
+        volume = Volume.of(root, host, kind[1], kind[2])
+        if not volume.data.is_file():
             raise DriverError(f"cannot open {path}: No such device on {host}")
-        return FileDevice(path, data)
+        if kind[0] == "zvol":
+            return FileDevice(path, volume)
+        if kind[3] not in [s.name for s in volume.snapshots()]:
+            raise DriverError(f"cannot open {path}: No such device on {host}")
+        return SnapshotDevice(path, volume, kind[3])
     if kind[0] == "sd":
         if initiator.session_for_disk(root, host, kind[1]) is None:
             raise DriverError(f"cannot open {path}: No such device on {host}")

@@ -5,9 +5,14 @@ Layout under ``sim_root/<host>/zfs/``::
     <pool>/.pool.json            the pool (size, creation); made by imgstorage-sim only
     <pool>/<vol>/data            the zvol's bytes: a sparse file of volsize bytes
     <pool>/<vol>/meta.json       volsize, volblocksize, sparse, creation
-    <pool>/<vol>/snapshots/      kept for snapshots (one entry per snapshot)
+    <pool>/<vol>/snapshots/      one folder per snapshot (see snapshots.py)
+    <pool>/.receiving-<pid>-<id>-<vol>  a receive in progress (see sendrecv.py)
 
 Sparse files keep a 64 GiB volume free until written, as a thin zvol is.
+Snapshots are copy-on-write per 128 KiB block and streams are the
+simulation's own format (stream.py), with the semantics of ``zfs send`` and
+``zfs receive -F``.
+
 Errors carry the text the ``zfs`` command prints, because operators and the
 daemons' logs should read the same in the simulation as on a real NAS.
 """
@@ -22,14 +27,12 @@ from pathlib import Path
 from typing import Dict, List, Optional, Union
 
 from ...errors import DriverError
-from ..base import ZvolInfo
-from . import blockdev, state
+from ..base import ByteSink, ByteSource, ZvolInfo
+from . import blockdev, sendrecv, state
+from .snapshots import META, SNAPSHOTS, VOLBLOCKSIZE, Volume, snapshot_name
 
-VOLBLOCKSIZE = 128 * 1024
 DEFAULT_POOL_SIZE = 1 << 40
 POOL_MARKER = ".pool.json"
-META = "meta.json"
-SNAPSHOTS = "snapshots"
 
 
 def create_pool(root: Union[str, Path], host: str, pool: str,
@@ -95,7 +98,9 @@ class SimZfs:
             alloc = _allocated(folder / "data")
         except FileNotFoundError:                       # destroyed meanwhile
             return None
-        return ZvolInfo(name=f"{pool}/{zvol}", volsize=meta["volsize"], used=alloc, refer=alloc)
+        kept = Volume(self.root, self.host, folder, f"{pool}/{zvol}").snapshot_bytes()
+        return ZvolInfo(name=f"{pool}/{zvol}", volsize=meta["volsize"], used=alloc + kept,
+                        refer=alloc)
 
     def list_zvols(self, pool: Optional[str] = None) -> List[ZvolInfo]:
         if pool is not None and not self.pool_exists(pool):
@@ -153,10 +158,11 @@ class SimZfs:
         with state.subsystem_lock(self.root, self.host, "zfs"):
             if not (folder / META).is_file():
                 raise DriverError(f"cannot open '{name}': dataset does not exist")
-            snaps = folder / SNAPSHOTS
-            if not recursive and snaps.is_dir() and any(snaps.iterdir()):
+            snaps = [s.name for s in Volume(self.root, self.host, folder, name).snapshots()]
+            if not recursive and snaps:
                 raise DriverError(f"cannot destroy '{name}': volume has children")
-            if blockdev.device_users(self.root, self.host, self.device_path(pool, zvol)):
+            paths = [self.device_path(pool, zvol)] + [self._snap_path(pool, zvol, s) for s in snaps]
+            if any(blockdev.device_users(self.root, self.host, p) for p in paths):
                 raise DriverError(f"cannot destroy '{name}': dataset is busy")
             trash = folder.with_name(f".destroying-{zvol}-{uuid.uuid4().hex}")
             os.rename(folder, trash)                     # gone for everyone at once
@@ -164,3 +170,53 @@ class SimZfs:
 
     def device_path(self, pool: str, zvol: str) -> str:
         return f"/dev/zvol/{state.zpool_name(pool)}/{state.zvol_name(zvol)}"
+
+    def _snap_path(self, pool: str, zvol: str, snap: str) -> str:
+        return f"{self.device_path(pool, zvol)}@{snap}"
+
+    # --------------------------------------------------------- snapshots
+    def _volume(self, pool: str, zvol: str) -> Volume:
+        return Volume.of(self.root, self.host, pool, zvol)
+
+    def snapshot(self, pool: str, zvol: str, snap: str) -> None:
+        self._volume(pool, zvol).create_snapshot(snapshot_name(snap))
+
+    def list_snapshots(self, pool: str, zvol: str) -> List[str]:
+        vol = self._volume(pool, zvol)
+        if not vol.exists():
+            raise DriverError(f"cannot open '{vol.label}': dataset does not exist")
+        return [s.name for s in vol.snapshots()]
+
+    def destroy_snapshot(self, pool: str, zvol: str, snap: str) -> None:
+        vol = self._volume(pool, zvol)
+        snapshot_name(snap)
+        if not vol.exists():
+            raise DriverError("could not find any snapshots to destroy; check snapshot names.")
+        with vol.lock():
+            if blockdev.device_users(self.root, self.host, self._snap_path(pool, zvol, snap)):
+                raise DriverError(f"cannot destroy snapshot {vol.label}@{snap}: dataset is busy")
+            vol.destroy_snapshot(snap)
+
+    def rollback(self, pool: str, zvol: str, snap: str) -> None:
+        """``zfs rollback`` to the most recent snapshot (not part of the driver protocol).
+
+        Lets a test or a tool throw away what was written since the last sync.
+        """
+        self._volume(pool, zvol).rollback(snapshot_name(snap))
+
+    # ----------------------------------------------------------- streams
+    def send_size(self, pool: str, zvol: str, snap: str, base: Optional[str] = None) -> int:
+        """The exact length ``send`` will produce, from metadata only (``zfs send -nP``)."""
+        return sendrecv.make_plan(self._volume(pool, zvol), snap, base).size
+
+    def send(self, pool: str, zvol: str, snap: str, base: Optional[str] = None) -> ByteSource:
+        """A full stream of ``snap``, or with ``base`` the change since that earlier snapshot."""
+        vol = self._volume(pool, zvol)
+        return sendrecv.SendSource(vol, sendrecv.make_plan(vol, snap, base))
+
+    def receive(self, pool: str, zvol: str) -> ByteSink:
+        """``zfs receive -F pool/zvol``: nothing changes unless the whole stream checks out."""
+        state.zvol_name(zvol)
+        if not self.pool_exists(pool):
+            raise DriverError(f"cannot open '{pool}': dataset does not exist")
+        return sendrecv.ReceiveSink(self.root, self.host, pool, zvol)
