@@ -127,6 +127,8 @@ class NasService:
                               initiator=initiator, last_snapshot=None, failures=0, retry_at=None)
         log.info("mapped %s to %s:%s in %.2fs%s", zvol, remotehost, bdev,
                  time.monotonic() - started, "; NAS->VM copy queued" if sync else "")
+        if sync:
+            self.sync.wake()
         return {"bdev": bdev, "target": target}
 
     def _rollback_map(self, zvol: str, target: Optional[str], exc: Exception) -> None:
@@ -175,6 +177,7 @@ class NasService:
                 self.store.transition(zvol, Event.DETACHED_LOCAL, iscsi_target=None,
                                       retry_at=None, failures=0, last_error=None)
                 log.info("zvol %s: the VM's copy on %s will be synced home", zvol, row.remotehost)
+                self.sync.wake()
                 return {"syncing": True}
             self.store.transition(zvol, Event.DETACHED, remotehost=None, remotepool=None,
                                   iscsi_target=None, bdev=None, initiator=None, chap_user=None,

@@ -42,7 +42,12 @@ class SyncManager:
         self.drivers = service.drivers
         self.jobs = Jobs(workers)
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: Optional[threading.Thread] = None
+
+    def wake(self) -> None:
+        """Look at the zvols now rather than at the next tick (a map just queued a copy)."""
+        self._wake.set()
 
     # -- attributes -----------------------------------------------------------
     def _attr(self, zvol: str, name: str) -> Optional[int]:
@@ -69,12 +74,17 @@ class SyncManager:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread:
             self._thread.join(10)
         self.jobs.shutdown()
 
     def _loop(self) -> None:
-        while not self._stop.wait(TICK):
+        while not self._stop.is_set():
+            self._wake.wait(TICK)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
             try:
                 self.tick()
             except Exception:  # one bad row must never stop the scheduling of all others

@@ -250,6 +250,7 @@ class VmService:
         self.sync.start_merge(row)
         self.set_state(zvol, "merging", merge_started=time.time(),
                        merge_from=figures[0] if figures else None)
+        self.sync.wake()
 
     def snapshot_for_pull(self, zvol: str, snap: str, base: Optional[str]) -> int:
         """Snapshot the local copy for a pull; the stream's estimated size."""

@@ -40,6 +40,7 @@ class ContainerSync:
         self.svc = service
         self.drivers = service.drivers
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.notify: Callable[[str, Dict], None] = service.notify
 
@@ -127,13 +128,21 @@ class ContainerSync:
         self._thread = threading.Thread(target=self._loop, name="merge-monitor", daemon=True)
         self._thread.start()
 
+    def wake(self) -> None:
+        self._wake.set()
+
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread:
             self._thread.join(10)
 
     def _loop(self) -> None:
-        while not self._stop.wait(MERGE_POLL):
+        while not self._stop.is_set():
+            self._wake.wait(MERGE_POLL)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
             try:
                 self.tick()
             except Exception:
