@@ -12,6 +12,7 @@ import logging.handlers
 import signal
 import sys
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, Iterable, Optional
 
@@ -43,14 +44,49 @@ def setup_logging(config: Config, debug: bool = False, stream=None) -> None:
     logging.getLogger("pika").setLevel(logging.WARNING)
 
 
+class SeenMessages:
+    """Recent message ids, so a request delivered twice runs once.
+
+    A broker redelivers what a lost connection left unacknowledged; the
+    second copy gets the first one's answer (or nothing, while the first is
+    still running) instead of doing the work again.
+    """
+
+    RUNNING = object()
+
+    def __init__(self, size: int = 4096):
+        self.size = size
+        self._lock = threading.Lock()
+        self._ids: "OrderedDict[str, object]" = OrderedDict()
+
+    def check(self, message_id: Optional[str]):
+        """None for a new id (now marked running), else RUNNING or the earlier reply."""
+        if not message_id:
+            return None
+        with self._lock:
+            if message_id in self._ids:
+                return self._ids[message_id]
+            self._ids[message_id] = self.RUNNING
+            while len(self._ids) > self.size:
+                self._ids.popitem(last=False)
+        return None
+
+    def finish(self, message_id: Optional[str], reply: Optional[dict]) -> None:
+        if message_id:
+            with self._lock:
+                self._ids[message_id] = reply
+
+
 class Daemon:
     """Route each request to its handler on a worker and send the reply."""
 
     def __init__(self, config: Config, handlers: Dict[str, Handler],
                  quick_actions: Iterable[str] = (), workers: Optional[int] = None,
-                 background: Iterable[object] = ()):
+                 background: Iterable[object] = (), restricted: Iterable[str] = ()):
         self.config = config
         self.background = list(background)   # objects with start() and stop()
+        self.restricted = set(restricted)     # actions only admin_users may ask for
+        self.seen = SeenMessages()
         self.handlers = handlers
         self.quick_actions = set(quick_actions)
         self.work_pool = ThreadPoolExecutor(max_workers=workers or config.img_sync_workers,
@@ -63,6 +99,20 @@ class Daemon:
 
     def on_connected(self) -> None:
         """Hook for subclasses; runs on every (re)connection."""
+
+    def refuse(self, env: Envelope) -> Optional[str]:
+        """Why this caller may not ask for this action (None: it may).
+
+        The broker validates ``user_id`` against the connection's user, so a
+        container's credentials cannot pass for an administrator's.
+        """
+        admins = self.config.admin_users
+        if not admins or env.action not in self.restricted:
+            return None
+        if env.user_id in admins:
+            return None
+        who = env.user_id or "an unidentified user"
+        return f"{who} is not allowed to ask for {env.action} on {self.config.name}"
 
     def dispatch(self, env: Optional[Envelope], responder: Responder,
                  decode_error: Optional[str]) -> None:
@@ -82,6 +132,23 @@ class Daemon:
             responder.reply(protocol.error(env.action, f"unknown action: {env.action[:80]}"))
             responder.done()
             return
+        refusal = self.refuse(env)
+        if refusal:
+            log.warning("refused %s from broker user %r: %s", env.action, env.user_id, refusal)
+            responder.reply(protocol.error(env.action, refusal))
+            responder.done()
+            return
+        earlier = self.seen.check(env.message_id)
+        if earlier is not None:
+            if earlier is not SeenMessages.RUNNING:
+                log.info("%s %s was already answered; sending the same answer again",
+                         env.action, env.message_id)
+                responder.reply(earlier)
+            else:
+                log.info("%s %s is already being handled; not running it twice",
+                         env.action, env.message_id)
+            responder.done()
+            return
         pool = self.quick_pool if env.action in self.quick_actions else self.work_pool
         with self._inflight_lock:
             self._inflight += 1
@@ -97,6 +164,7 @@ class Daemon:
         except Exception as exc:  # a bug: keep serving, tell the caller, keep the traceback
             log.exception("%s %s: unexpected error", env.action, _subject(env))
             reply = protocol.error(env.action, f"internal error in {env.action}: {exc}")
+        self.seen.finish(env.message_id, reply)
         try:
             if reply is not None:
                 responder.reply(reply)

@@ -10,6 +10,8 @@ from ..protocol import field, optional_name
 from .service import NasService
 
 QUICK = {"list_zvols", "get_zvol_attrs", "get_attrs", "ping"}
+# Actions that change or destroy something: only admin_users may ask (when set).
+MANAGEMENT = {"map_zvol", "unmap_zvol", "del_zvol", "set_zvol_attrs", "set_attrs", "del_attrs"}
 
 
 def build(service: NasService) -> Dict[str, object]:

@@ -22,12 +22,15 @@ def build_daemon(cfg: Config) -> Daemon:
     store.ensure_defaults()
     service = NasService(cfg, store, node_drivers(cfg, target_kind=cfg.target))
     return Daemon(cfg, handlers.build(service), quick_actions=handlers.QUICK,
-                  background=[service.sync])
+                  background=[service.sync], restricted=handlers.MANAGEMENT)
 
 
 def _announce(cfg: Config) -> None:
     if not cfg.admin_users:
-        log.info("admin_users is not set: management requests are accepted from any broker user")
+        log.warning("admin_users is not set: management requests are accepted from any "
+                    "broker user")
+    else:
+        log.info("management requests are accepted from: %s", ", ".join(cfg.admin_users))
 
 
 cli = command_line(
