@@ -31,6 +31,8 @@ from .config import Config
 from .errors import BrokerUnavailable, MessagingError, NoSuchNode, RemoteError, RpcTimeout
 
 log = logging.getLogger(__name__)
+# pika logs every returned message as a warning; a return is our "no such node" answer.
+logging.getLogger("pika.adapters.blocking_connection").setLevel(logging.ERROR)
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 CONTENT_TYPE = "application/json"

@@ -21,6 +21,7 @@ def build_daemon(cfg: Config) -> Daemon:
     store = NasStore(engine)
     store.ensure_defaults()
     service = NasService(cfg, store, node_drivers(cfg, target_kind=cfg.target))
+    service.recover()
     return Daemon(cfg, handlers.build(service), quick_actions=handlers.QUICK,
                   background=[service.sync], restricted=handlers.MANAGEMENT)
 

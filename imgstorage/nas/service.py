@@ -8,6 +8,7 @@ failed map never leaves a zvol that later maps refuse as "already mapped".
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 from typing import Callable, ContextManager, Dict, List, Optional
@@ -217,6 +218,52 @@ class NasService:
             raise
         self.store.transition(zvol, Event.DELETED)
         return {}
+
+    # -- restart ------------------------------------------------------------
+    def recover(self) -> None:
+        """Finish or roll back what a previous run of the daemon left in flight.
+
+        Locks of a process that is gone are released; a map that never
+        answered is rolled back (its caller has long stopped waiting); an unmap
+        returns to where it started (the operator asks again); a delete is
+        finished when the zvol is already gone.  Transfers need nothing here:
+        the scheduler derives them from the states.
+        """
+        for lock in self.store.locks():
+            if lock.pid != os.getpid():
+                log.warning("releasing the lock of %s held by %s (process %s) since %s: "
+                            "that process is gone", lock.zvol, lock.action, lock.pid,
+                            time.ctime(lock.since))
+                self.store.unlock(lock.zvol)
+        for row in self.store.all():
+            try:
+                if row.state == State.MAPPING.value:
+                    log.warning("zvol %s was being mapped when the daemon stopped: rolling back",
+                                row.zvol)
+                    self._rollback_map(row.zvol, row.iscsi_target,
+                                       ImgStorageError("interrupted by a daemon restart"))
+                    if row.remotehost:
+                        self._release_remote(row)
+                elif row.state == State.UNMAPPING.value:
+                    log.warning("zvol %s was being unmapped when the daemon stopped: it is %s "
+                                "again; unmap it again", row.zvol, row.prior_state)
+                    self.store.transition(row.zvol, Event.FAILED,
+                                          last_error="unmap interrupted by a daemon restart")
+                elif row.state == State.DELETING.value:
+                    if self.drivers.zfs.get_zvol(row.zpool, row.zvol) is None:
+                        self.store.transition(row.zvol, Event.DELETED)
+                    else:
+                        self.store.transition(row.zvol, Event.FAILED)
+            except ImgStorageError as exc:
+                log.error("could not recover zvol %s (%s): %s", row.zvol, row.state, exc)
+
+    def _release_remote(self, row) -> None:
+        """Best effort: the container may have attached before we stopped."""
+        try:
+            self.remote(row.remotehost, {"action": "unmap_zvol", "zvol": row.zvol,
+                                         "target": row.iscsi_target}, 10)
+        except ImgStorageError as exc:
+            log.warning("could not ask %s to let go of %s: %s", row.remotehost, row.zvol, exc)
 
     # -- listings -----------------------------------------------------------
     def list_zvols(self) -> List[Dict]:

@@ -33,6 +33,7 @@ def build_daemon(cfg: Config) -> Daemon:
     create_schema(engine, Base)
     service = VmService(cfg, engine, node_drivers(cfg), notify=notifier(cfg))
     service.initiator_name()  # fail at start, not at the first map, when the initiator is not set up
+    service.recover()
     return Daemon(cfg, handlers.build(service), quick_actions=handlers.QUICK,
                   background=[service.sync])
 

@@ -233,6 +233,26 @@ class VmService:
             return {"local": False}
         raise StateError(f"zvol {zvol} is {row.state} on {self.config.name}; it cannot be unmapped")
 
+    # -- restart ------------------------------------------------------------
+    def recover(self) -> None:
+        """Roll back attaches and finish detaches that a previous run left half done.
+
+        Merges need nothing: the kernel kept merging and the monitor finds
+        them; ``flushing`` and ``detached_local`` wait for the NAS to ask again.
+        """
+        for row in self.rows():
+            try:
+                if row.state == "attaching":
+                    log.warning("zvol %s was being attached when the daemon stopped: undoing",
+                                row.zvol)
+                    self._undo_attach(row.zvol, row.iscsi_target, row.nas,
+                                      row.remotepool if row.sync else None)
+                elif row.state == "detaching":
+                    self._logout(row.iscsi_target, row.nas)
+                    self._forget(row.zvol)
+            except ImgStorageError as exc:
+                log.error("could not recover zvol %s (%s): %s", row.zvol, row.state, exc)
+
     # -- sync steps asked for by the NAS ------------------------------------
     def require(self, zvol: str, *states: str) -> VmZvol:
         row = self.row(zvol)
