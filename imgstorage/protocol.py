@@ -26,6 +26,7 @@ REPLY_ACTION = {
     "recv_zvol": "recv_zvol",
     "send_zvol": "send_zvol",
     "del_local": "del_local",
+    "clean_zvol": "clean_zvol",
     "get_zvol_attrs": "get_zvol_attrs",
     "set_zvol_attrs": "set_zvol_attrs",
     "get_attrs": "get_attrs",

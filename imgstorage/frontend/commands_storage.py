@@ -7,11 +7,11 @@ the registry; it is only read to check the hosts and the defaults
 
 Hosts must be registered: a typing mistake then fails with ``unknown host``
 before any message is sent, instead of reaching whatever daemon happens to
-listen under that name.  ``clean host storagemap`` and ``report host
-imgstorage`` will be further commands of this module.
+listen under that name.
 """
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, List, Optional
 
@@ -238,3 +238,111 @@ def list_host_storageattr(inv: Invocation) -> None:
             table.add(nas, name, attrs[name])
     inv.table(table)
 
+
+
+# ----------------------------------------------------------------- repair
+SYNC_STATES = {"NAS->VM", "NAS<-VM", "NAS<-VM sched"}
+
+
+@command(
+    "clean host storagemap", "Forget a broken mapping on both sides.",
+    args=(_NAS, Arg("VOLUME", "the zvol whose mapping is broken")),
+    params=(Param("nodetype", "nas|vmc", "clean only the NAS side or only the container side"),
+            Param("force", "BOOL", "also when the container may hold writes the NAS does "
+                  "not have yet (they are lost)"),
+            Param("host", "HOST", "the container to clean (default: the one the NAS has the "
+                  "zvol mapped to); for a container the NAS no longer knows about")),
+    description="For a mapping that a normal unmap cannot undo (a container that died, "
+                "a lock left behind). The container tears down its iSCSI session, "
+                "device-mapper device and local copies of the zvol; the NAS removes the "
+                "target, releases the zvol's lock and marks it unmapped. WARNING: in sync "
+                "mode the container's copy may hold the only up-to-date data; without "
+                "force=true the command refuses while a copy is not synced home.",
+    example="rocks clean host storagemap nas-0-0 vol1")
+def clean_host_storagemap(inv: Invocation) -> None:
+    nas = inv.nas(inv.args["nas"]).name
+    zvol = naming.zvol_name(inv.args["volume"])
+    nodetype = inv.param("nodetype")
+    if nodetype not in (None, "nas", "vmc"):
+        raise ValidationError(f"nodetype can be only nas or vmc ({nodetype})")
+    force = bool(bool_param(inv, "force"))
+    rows = [r for r in inv.request(nas, {"action": "list_zvols"}).get("body") or []
+            if isinstance(r, dict) and r.get("zvol") == zvol]
+    if not rows:
+        raise ImgStorageError(f"Unable to find volume {zvol} on nas {nas}")
+    row = rows[0]
+    if row.get("state") in SYNC_STATES | {"mapped"} and row.get("lifecycle") in (
+            "uploading", "merging", "local", "pulling", "final_pull") and not force:
+        raise ImgStorageError(f"Volume {zvol} is {row.get('state')} ({row.get('lifecycle')}): "
+                              f"{row.get('remotehost')} may hold writes the NAS does not have; "
+                              "unmap it normally, or use force=true to give them up")
+    host = row.get("remotehost")
+    if inv.param("host") is not None:
+        host = inv.host(inv.param("host")).name
+    if nodetype in (None, "vmc"):
+        if host:
+            inv.echo(f"cleaning {host}")
+            out = inv.request(host, {"action": "clean_zvol", "zvol": zvol,
+                                     "target": row.get("iscsi_target")})
+            for line in out.get("done") or []:
+                inv.echo(f"  {line}")
+        elif nodetype == "vmc":
+            raise ImgStorageError(f"Volume {zvol} is not mapped to any host: name the "
+                                  "container with host=HOST")
+    if nodetype in (None, "nas"):
+        inv.echo(f"cleaning {nas}")
+        inv.request(nas, {"action": "clean_zvol", "zvol": zvol, "force": force})
+    inv.echo("Success")
+
+
+@command(
+    "report host imgstorage", "Print the configuration file of a node.",
+    args=(Arg("HOST", "a registered NAS or VM container"),),
+    params=(Param("network", "NAME", "storage network suffix (default: attribute "
+                  "imgstorage-network, else IB_net)"),
+            Param("pool", "POOL", "default zpool (default: attribute imgstorage-pool, else "
+                  "vm_container_zpool)"),
+            Param("workers", "N", "parallel operations (default: attribute "
+                  "imgstorage-workers, else 8)")),
+    description="Writes /etc/imgstorage.conf for HOST from the frontend's attributes, so "
+                "every node's file comes from one place. The broker URL is the attribute "
+                "imgstorage-broker-url (give each node its own broker user), else the "
+                "frontend's; a NAS's admin_users come from imgstorage-admin-users "
+                "(comma separated). Redirect the output to the node's file.",
+    example="rocks report host imgstorage nas-0-0 > /etc/imgstorage.conf")
+def report_host_imgstorage(inv: Invocation) -> None:
+    host = inv.host(inv.args["host"])
+    reg = inv.registry
+
+    def pick(param: str, *attrs: str) -> Optional[str]:
+        value = inv.param(param)
+        for attr in attrs:
+            if value not in (None, ""):
+                break
+            value = reg.attr(host, attr)
+        return value or None
+
+    network = pick("network", "imgstorage-network", "IB_net")
+    if network is not None:
+        naming.host_name(network)
+    pool = pick("pool", "imgstorage-pool", "vm_container_zpool")
+    if pool is not None:
+        naming.zpool_name(pool)
+    workers = naming.non_negative_int("workers", pick("workers", "imgstorage-workers") or 8,
+                                      minimum=1)
+    is_nas = reg.attr_bool(host, "img_storage_nas") or getattr(host, "appliance", "") == "nas"
+    role = "nas" if is_nas else "vm"
+    conf = {"name": host.name,
+            "broker_url": reg.attr(host, "imgstorage-broker-url") or inv.config.broker_url,
+            "exchange": inv.config.exchange, "backend": "real",
+            "db": f"/var/lib/imgstorage/{role}.db",
+            "log_file": f"/var/log/imgstorage/img-storage-{role}.log",
+            "img_sync_workers": workers}
+    if network:
+        conf["network"] = network
+    if pool:
+        conf["default_pool"] = pool
+    admins = reg.attr(host, "imgstorage-admin-users")
+    if admins and is_nas:
+        conf["admin_users"] = [u.strip() for u in admins.split(",") if u.strip()]
+    inv.echo(json.dumps(conf, indent=2))

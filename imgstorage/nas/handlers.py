@@ -11,7 +11,8 @@ from .service import NasService
 
 QUICK = {"list_zvols", "get_zvol_attrs", "get_attrs", "ping"}
 # Actions that change or destroy something: only admin_users may ask (when set).
-MANAGEMENT = {"map_zvol", "unmap_zvol", "del_zvol", "set_zvol_attrs", "set_attrs", "del_attrs"}
+MANAGEMENT = {"map_zvol", "unmap_zvol", "del_zvol", "set_zvol_attrs", "set_attrs", "del_attrs",
+              "clean_zvol"}
 
 
 def build(service: NasService) -> Dict[str, object]:
@@ -94,6 +95,14 @@ def build(service: NasService) -> Dict[str, object]:
         store.del_attrs([naming.attr_name(n) for n in names])
         return protocol.success("del_attrs")
 
+    def clean_zvol(env: Envelope) -> dict:
+        zvol = field(env.body, "zvol", naming.zvol_name)
+        force = field(env.body, "force", protocol.bool_field, required=False, default=False)
+        store.unlock(zvol)      # the point of cleaning: a lock nobody will release
+        with locked(env, zvol):
+            out = service.clean_zvol(zvol, force)
+        return protocol.success("clean_zvol", zvol=zvol, **out)
+
     def zvol_synced(env: Envelope) -> None:
         """A container reports that its merge finished (a notification: no reply)."""
         zvol = field(env.body, "zvol", naming.zvol_name)
@@ -112,5 +121,6 @@ def build(service: NasService) -> Dict[str, object]:
         "map_zvol": map_zvol, "unmap_zvol": unmap_zvol, "del_zvol": del_zvol,
         "list_zvols": list_zvols, "get_zvol_attrs": get_zvol_attrs,
         "set_zvol_attrs": set_zvol_attrs, "get_attrs": get_attrs, "set_attrs": set_attrs,
-        "del_attrs": del_attrs, "zvol_synced": zvol_synced, "ping": ping,
+        "del_attrs": del_attrs, "zvol_synced": zvol_synced, "clean_zvol": clean_zvol,
+        "ping": ping,
     }

@@ -219,6 +219,35 @@ class NasService:
         self.store.transition(zvol, Event.DELETED)
         return {}
 
+    # -- clean --------------------------------------------------------------
+    def clean_zvol(self, zvol: str, force: bool) -> Dict:
+        """Forget a mapping that is broken beyond the normal unmap (the container died).
+
+        Removes the target and returns the zvol to ``unmapped``.  Refused while
+        the container may hold the only copy of the VM's latest writes, unless
+        ``force``: then those writes are given up, and the log says so.
+        """
+        row = self.store.require(zvol)
+        risky = {State.UPLOADING.value, State.MERGING.value, State.LOCAL.value,
+                 State.PULLING.value, State.FINAL_PULL.value}
+        if row.state in risky and not force:
+            raise StateError(f"ZVol {zvol} is {display(row.state)} ({row.state}): "
+                             f"{row.remotehost} may hold writes the NAS does not have; "
+                             "use force=true to give them up")
+        with self.sync.jobs.held(zvol):
+            if row.iscsi_target:
+                self.drivers.target.delete_target(row.iscsi_target)
+            if row.state in risky:
+                log.warning("zvol %s cleaned by force in state %s: writes on %s that were not "
+                            "synced home are given up", zvol, row.state, row.remotehost)
+            self.store.update(zvol, state=State.UNMAPPED.value, remotehost=None,
+                              remotepool=None, iscsi_target=None, bdev=None, initiator=None,
+                              chap_user=None, chap_secret=None, prior_state=None,
+                              state_since=time.time(), retry_at=None, failures=0,
+                              last_error=None)
+            log.info("zvol %s: %s -> unmapped on clean", zvol, row.state)
+        return {"was": row.state, "remotehost": row.remotehost, "target": row.iscsi_target}
+
     # -- restart ------------------------------------------------------------
     def recover(self) -> None:
         """Finish or roll back what a previous run of the daemon left in flight.

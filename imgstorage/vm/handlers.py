@@ -108,6 +108,13 @@ def build(service: VmService) -> Dict[str, object]:
             service.del_local(zvol)
         return protocol.success("del_local", zvol=zvol)
 
+    def clean_zvol(env: Envelope) -> dict:
+        zvol = field(env.body, "zvol", naming.zvol_name)
+        target = field(env.body, "target", optional_name(naming.iqn), required=False)
+        with service.zvol_lock(zvol):
+            out = service.clean_zvol(zvol, target)
+        return protocol.success("clean_zvol", zvol=zvol, **out)
+
     def list_dev(env: Envelope) -> dict:
         return protocol.success("list_dev", node_type="mixed", body=service.list_dev())
 
@@ -119,4 +126,5 @@ def build(service: VmService) -> Dict[str, object]:
 
     return {"map_zvol": map_zvol, "unmap_zvol": unmap_zvol, "sync_zvol": sync_zvol,
             "recv_zvol": recv_zvol, "send_zvol": send_zvol, "del_local": del_local,
+            "clean_zvol": clean_zvol,
             "list_dev": list_dev, "initiator_name": initiator_name, "ping": ping}

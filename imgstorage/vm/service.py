@@ -233,6 +233,35 @@ class VmService:
             return {"local": False}
         raise StateError(f"zvol {zvol} is {row.state} on {self.config.name}; it cannot be unmapped")
 
+    # -- clean --------------------------------------------------------------
+    def clean_zvol(self, zvol: str, target: Optional[str]) -> Dict:
+        """Tear down whatever this host has of ``zvol``: session, dm device, local copies.
+
+        The operator asked for it after being warned: a local copy that was
+        not synced home is destroyed too.
+        """
+        row = self.row(zvol)
+        done = []
+        target = target or (row.iscsi_target if row else None)
+        if self.drivers.dm.exists(dm_name(zvol)):
+            self.drivers.dm.remove(dm_name(zvol))
+            done.append(f"removed /dev/mapper/{dm_name(zvol)}")
+        if target and self._session_for(target):
+            self._logout(target, row.nas if row else None)
+            done.append(f"logged out of {target}")
+        pools = {row.remotepool} if row and row.remotepool else set()
+        pools |= {z.pool for z in self.drivers.zfs.list_zvols()
+                  if z.zvol in (zvol, temp_name(zvol))}
+        for pool in sorted(pools):
+            for name in (temp_name(zvol), zvol):
+                if self.drivers.zfs.get_zvol(pool, name) is not None:
+                    self.drivers.zfs.destroy(pool, name, recursive=True)
+                    done.append(f"destroyed {pool}/{name}")
+        self._forget(zvol)
+        log.warning("zvol %s cleaned on %s: %s", zvol, self.config.name, "; ".join(done) or
+                    "nothing was left")
+        return {"done": done}
+
     # -- restart ------------------------------------------------------------
     def recover(self) -> None:
         """Roll back attaches and finish detaches that a previous run left half done.
