@@ -23,6 +23,7 @@ setup(
             "rocks=imgstorage.frontend.cli:main",
             "imgstorage=imgstorage.frontend.cli:main",
             "imgstorage-sim=imgstorage.drivers.sim.cli:main",
+            "imgstorageadmin=admin.imgstorageadmin:main",
         ],
     },
 )
