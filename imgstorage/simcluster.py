@@ -172,7 +172,14 @@ class SimCluster:
         return self.run("rocks", *args, timeout=timeout)
 
     def sim(self, *args: str, input: Optional[bytes] = None) -> subprocess.CompletedProcess:
-        return self.run("sim", *args, input=input)
+        """imgstorage-sim as run on the node named by ``--host`` (its environment, e.g. a
+        slower simulated merge, applies: looking at a device advances its merge)."""
+        node = "frontend"
+        if "--host" in args:
+            host = args[list(args).index("--host") + 1]
+            if host in self.nas + self.containers:
+                node = host
+        return self.run("sim", *args, input=input, node=node)
 
     def make_pools(self) -> List[str]:
         """The pool on every node: the NAS's store, and each container's local pool."""

@@ -1,0 +1,248 @@
+"""Sync mode end to end: the VM's writes in every phase end up on the NAS, byte for byte.
+
+One cluster for the module: compute-0-3 merges slowly (so a test can write
+while its dm snapshot-merge runs), vm-container-0-14 at the simulation's
+normal speed.  Each test uses its own zvol, written first with a pattern on
+the NAS, and keeps the image the disk must hold in memory.
+"""
+from __future__ import annotations
+
+import random
+import re
+import time
+
+import pytest
+
+from .conftest import _cluster, ok
+from .sync_helpers import (GIB, KIB, MIB, NAS, POOL, REGION, Image, assert_container_clean,
+                           assert_nas_holds, diagnose, do_writes, measure_transfer, median,
+                           nas_row, nas_state, phase_writes, prepare_zvol, read, read_nas,
+                           read_targets, set_zvolattr, sim, storagedev, storagemap, sync_map,
+                           unmap, vm_state, wait_dev_status, wait_display, wait_nas_state,
+                           wait_until, write, write_between_pulls, zfs_names)
+
+SLOW = "compute-0-3"
+FAST = "vm-container-0-14"
+SLOW_MERGE_RATE = 12            # chunks of 8 KiB per second: about 12 s for 1.2 MiB of writes
+BASE = 3 * MIB                  # the NAS pattern a throttled copy has to move
+
+
+@pytest.fixture(scope="module")
+def sync_cluster(tmp_path_factory, vhost):
+    c = _cluster(tmp_path_factory, vhost,
+                 node_env={SLOW: {"IMGSTORAGE_SIM_MERGE_RATE": str(SLOW_MERGE_RATE)}})
+    try:
+        for args in (["add", "host", NAS, "appliance=nas"],
+                     ["add", "host", FAST, "appliance=vm-container"],
+                     ["add", "host", SLOW, "appliance=vm-container"],
+                     ["set", "host", "attr", NAS, "img_zpools", POOL]):
+            ok(c.rocks(*args))
+        yield c
+    finally:
+        c.stop_all()
+
+
+def target_of(zvol: str) -> str:
+    return f"iqn.2001-04.com.{NAS}-{zvol}"
+
+
+def wait_local(c, host: str, zvol: str) -> None:
+    """The switch is done: dm linear on the container, the NAS no longer exports the zvol."""
+    wait_dev_status(c, host, zvol, "linear")
+    wait_nas_state(c, zvol, "local")
+    row = storagemap(c)[zvol]
+    # with a short frequency a periodic pull may already be running
+    assert row["state"] in ("mapped", "NAS<-VM sched"), row
+    assert (row["host"], row["target"]) == (host, None), row
+    assert target_of(zvol) not in read_targets(c.sim_root, NAS)
+    assert target_of(zvol) not in ok(sim(c, host, "iscsi", "sessions", "--host", host))
+    names = zfs_names(c, host)
+    assert f"{POOL}/{zvol}" in names and f"{POOL}/{zvol}-temp-write" not in names, names
+
+
+def unmap_and_check(c, host: str, zvol: str, image: Image, tail: bytes,
+                    final_pull: bool = True) -> None:
+    """Unmap; the container's copy comes home with a final pull, or (``final_pull`` false)
+    the VM's writes went into the NAS disk through iSCSI before the unmap answered."""
+    before = nas_row(c, zvol)["last_snapshot"]
+    unmap(c, zvol)
+    if not final_pull:
+        assert nas_state(c, zvol) == "unmapped", diagnose(c, zvol)
+    wait_nas_state(c, zvol, "unmapped")
+    if final_pull:
+        assert nas_row(c, zvol)["last_snapshot"] not in (None, before), diagnose(c, zvol)
+    assert nas_row(c, zvol)["last_error"] is None, diagnose(c, zvol)
+    assert_nas_holds(c, zvol, image, tail)
+    assert_container_clean(c, host, zvol)
+
+
+# --------------------------------------------------------------- 1
+def test_writes_in_every_phase_reach_the_nas(sync_cluster):
+    c, zvol, host = sync_cluster, "allphases", SLOW
+    rng = random.Random(1001)
+    image, tail = prepare_zvol(c, zvol, host, BASE, seed=1)
+    set_zvolattr(c, zvol, "uploadspeed", 300000)          # the copy lasts about 11 s
+    dev = sync_map(c, zvol, host)
+    assert storagedev(c, host)[zvol]["status"] == "snapshot"
+
+    # at once, before the copy got anywhere; the 1 MiB write keeps the merge busy for seconds
+    do_writes(c, host, dev, image, phase_writes(rng, 4, big=MIB, zeros=True))
+    assert nas_state(c, zvol) == "uploading"
+    assert vm_state(c, host, zvol) == "snapshot"
+
+    # while the NAS copies the zvol to the container
+    row = wait_display(c, zvol, "NAS->VM")
+    assert (row["host"], row["zpool"], row["target"]) == (host, POOL, target_of(zvol)), row
+    assert vm_state(c, host, zvol) == "snapshot"
+    do_writes(c, host, dev, image, phase_writes(rng, 4, zeros=True))
+    assert nas_state(c, zvol) == "uploading", "the copy ended before the writes did"
+    assert read(c, host, dev, 0, REGION) == image.bytes()
+
+    # while the container merges the VM's writes into its copy
+    dev_row = wait_dev_status(c, host, zvol, "snapshot-merge")
+    assert dev_row["is started"] == 1, dev_row
+    assert re.fullmatch(r"\d+/\d+ \d+( \(\d+%\))?", dev_row["synced"] or ""), dev_row
+    do_writes(c, host, dev, image, phase_writes(rng, 4, zeros=True))
+    assert vm_state(c, host, zvol) == "merging", "the merge ended before the writes did"
+    assert read(c, host, dev, 0, REGION) == image.bytes()
+
+    # on the local copy alone
+    wait_local(c, host, zvol)
+    do_writes(c, host, dev, image, phase_writes(rng, 6, zeros=True))
+    assert read(c, host, dev, 0, REGION) == image.bytes()
+
+    unmap_and_check(c, host, zvol, image, tail)
+
+
+# --------------------------------------------------------------- 2
+@pytest.mark.parametrize("phase,host", [
+    ("start", SLOW),       # unmapped at once: the temp writes go home through iSCSI
+    ("copy", SLOW),        # the copy is cancelled, the temp writes go home through iSCSI
+    ("merge", SLOW),       # the merge finishes first, then a final pull
+    ("local", FAST),       # a final pull of the local copy
+    ("pull", FAST),        # the periodic pull is cancelled, then a final pull
+])
+def test_unmap_in_any_phase_brings_every_write_home(sync_cluster, phase, host):
+    c, zvol = sync_cluster, f"unmap-{phase}"
+    rng = random.Random(f"unmap-{phase}")
+    # a throttled copy: the first writes must land in the temp-write zvol
+    throttled = phase in ("start", "copy", "merge")
+    image, tail = prepare_zvol(c, zvol, host, BASE if throttled else 512 * KIB, seed=2)
+    if phase == "start":
+        set_zvolattr(c, zvol, "uploadspeed", 100000)
+    elif phase == "copy":
+        set_zvolattr(c, zvol, "uploadspeed", 300000)      # cancelled by the unmap anyway
+    elif phase == "merge":
+        set_zvolattr(c, zvol, "uploadspeed", 500000)
+    elif phase == "pull":
+        set_zvolattr(c, zvol, "frequency", 2)
+        set_zvolattr(c, zvol, "downloadspeed", 300000)
+    dev = sync_map(c, zvol, host)
+    do_writes(c, host, dev, image,
+              phase_writes(rng, 4, big=MIB if phase == "merge" else 64 * KIB, zeros=True))
+    if throttled:
+        assert nas_state(c, zvol) == "uploading", "the copy ended before the first writes did"
+
+    # "start": no waiting, the unmap follows at once
+    if phase == "copy":
+        wait_display(c, zvol, "NAS->VM")
+        do_writes(c, host, dev, image, phase_writes(rng, 4))
+        assert nas_state(c, zvol) == "uploading", "the copy ended before the writes did"
+    elif phase == "merge":
+        wait_dev_status(c, host, zvol, "snapshot-merge")
+        do_writes(c, host, dev, image, phase_writes(rng, 4))
+        assert vm_state(c, host, zvol) == "merging", "the merge ended before the writes did"
+    elif phase in ("local", "pull"):
+        wait_local(c, host, zvol)
+        do_writes(c, host, dev, image, phase_writes(rng, 4))
+        if phase == "pull":
+            # enough changed data that the next pull lasts seconds at 300 kB/s
+            write_between_pulls(c, zvol, host, dev, image,
+                                [(4 * MIB, rng.randbytes(MIB)), (7 * MIB + 1, rng.randbytes(999))])
+            wait_display(c, zvol, "NAS<-VM sched")
+            do_writes(c, host, dev, image, phase_writes(rng, 4, zeros=True))
+            assert nas_state(c, zvol) == "pulling", "the pull ended before the writes did"
+    if phase in ("merge", "local", "pull"):
+        assert read(c, host, dev, 0, REGION) == image.bytes()
+
+    unmap_and_check(c, host, zvol, image, tail, final_pull=phase not in ("start", "copy"))
+
+
+# --------------------------------------------------------------- 3
+def test_the_nas_misses_only_the_writes_after_the_last_pull(sync_cluster):
+    c, zvol, host = sync_cluster, "lostcopy", FAST
+    rng = random.Random(3003)
+    image, tail = prepare_zvol(c, zvol, host, 256 * KIB, seed=3)
+    set_zvolattr(c, zvol, "frequency", 2)
+    set_zvolattr(c, zvol, "downloadspeed", 200000)       # B needs about 2 s to come home
+    dev = sync_map(c, zvol, host)
+    wait_local(c, host, zvol)
+
+    a = [(MIB + 100, rng.randbytes(5000)), (MIB + 8192 - 300, rng.randbytes(600)),
+         (MIB + 64 * KIB, rng.randbytes(4096)), (200 * KIB + 7, rng.randbytes(777))]
+    before_a = write_between_pulls(c, zvol, host, dev, image, a)
+    with_a = image.bytes()
+    # a pull that started after A has come home
+    after_a = wait_until("a pull after A", lambda: (lambda r: r["last_snapshot"] if (
+        r["state"] == "local" and r["last_snapshot"] != before_a) else None)(nas_row(c, zvol)),
+        show=lambda: diagnose(c, zvol))
+
+    b = [(MIB + 2000, rng.randbytes(3000)), (3 * MIB + 5, rng.randbytes(200000))]
+    do_writes(c, host, dev, image, b)
+    on_nas = read_nas(c, zvol, 0, REGION)
+    assert nas_row(c, zvol)["last_snapshot"] == after_a, "another pull came in: the check is void"
+    assert on_nas == with_a
+    for offset, data in b:
+        assert on_nas[offset:offset + len(data)] != data
+    # the VM runs on, from its local copy, with A and B
+    assert storagedev(c, host)[zvol]["status"] == "linear"
+    assert read(c, host, dev, 0, REGION) == image.bytes()
+
+    unmap_and_check(c, host, zvol, image, tail)
+
+
+# --------------------------------------------------------------- 4
+def test_upload_and_download_speeds_are_honoured(sync_cluster):
+    c, zvol, host = sync_cluster, "throttled", FAST
+    rng = random.Random(4004)
+    # 3.8 MB with the tail: about 3.8 s each way at 1 MB/s
+    image, tail = prepare_zvol(c, zvol, host, 3 * MIB + 512 * KIB, seed=4)
+    set_zvolattr(c, zvol, "uploadspeed", 1000000)
+    set_zvolattr(c, zvol, "downloadspeed", 1000000)
+    set_zvolattr(c, zvol, "frequency", 3600)              # no pull unless asked for
+    dev = sync_map(c, zvol, host)
+
+    took, rates = measure_transfer(c, zvol, "NAS->VM")
+    assert 2.0 <= took <= 6.0, (took, rates)
+    assert rates and 500000 <= median(rates) <= 1500000, rates
+    wait_local(c, host, zvol)
+
+    changed = [(4 * MIB, rng.randbytes(3 * MIB + 512 * KIB))]
+    do_writes(c, host, dev, image, changed)
+    set_zvolattr(c, zvol, "nextsync", int(time.time()))   # pull now
+    took, rates = measure_transfer(c, zvol, "NAS<-VM sched")
+    assert 2.0 <= took <= 6.0, (took, rates)
+    assert rates and 500000 <= median(rates) <= 1500000, rates
+    wait_nas_state(c, zvol, "local")
+    # the pull brought the changes home while the VM runs on
+    assert read_nas(c, zvol, 0, REGION) == image.bytes()
+
+    unmap_and_check(c, host, zvol, image, tail)
+
+
+# --------------------------------------------------------------- 5
+def test_a_large_sync_map_answers_at_once_and_unmaps_clean(sync_cluster):
+    c, zvol, host = sync_cluster, "bigsync", FAST
+    dev = sync_map(c, zvol, host, size_gb=64)
+    assert storagedev(c, host)[zvol]["size (gb)"] == 64
+    assert read_nas(c, zvol, 64 * GIB - 4096, 4096) == bytes(4096)
+    far = 60 * GIB + 123
+    data = random.Random(5005).randbytes(10000)
+    write(c, host, dev, far, data)
+    assert read(c, host, dev, far, len(data)) == data
+
+    unmap(c, zvol)
+    wait_nas_state(c, zvol, "unmapped")
+    assert read_nas(c, zvol, far, len(data)) == data
+    assert read_nas(c, zvol, 0, MIB) == bytes(MIB)
+    assert_container_clean(c, host, zvol)
