@@ -12,6 +12,7 @@ import logging.handlers
 import signal
 import sys
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, Iterable, Optional
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[Envelope], Optional[dict]]
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(threadName)s]: %(message)s"
 
 
 def setup_logging(config: Config, debug: bool = False, stream=None) -> None:
@@ -165,6 +166,8 @@ class Daemon:
             log.exception("%s %s: unexpected error", env.action, _subject(env))
             reply = protocol.error(env.action, f"internal error in {env.action}: {exc}")
         self.seen.finish(env.message_id, reply)
+        log.debug("%s %s from %s answered %s in %.3fs", env.action, _subject(env), env.user_id,
+                  (reply or {}).get("status", "nothing"), time.time() - env.received)
         try:
             if reply is not None:
                 responder.reply(reply)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable, Dict
 
 from ..config import Config
@@ -28,9 +29,11 @@ def advertised_address(config: Config) -> str:
 
 
 def _serve(what: str, work: Callable[[], int]) -> None:
+    started = time.monotonic()
     try:
         moved = work()
-        log.info("%s: %d bytes moved", what, moved)
+        took = max(time.monotonic() - started, 1e-6)
+        log.info("%s: %d bytes in %.1fs (%.0f B/s)", what, moved, took, moved / took)
     except ImgStorageError as exc:
         log.error("%s failed: %s", what, exc)
     except Exception:
