@@ -18,11 +18,28 @@ def vhost():
         yield name
 
 
-def _cluster(tmp_path_factory, vhost, **kw):
-    cluster = SimCluster(tmp_path_factory.mktemp("cluster"), broker_url(vhost), **kw)
+def _cluster(tmp_path_factory, vhost, name: str = "cluster", **kw):
+    cluster = SimCluster(tmp_path_factory.mktemp(name), broker_url(vhost), **kw)
     assert cluster.make_pools() == cluster.nas + cluster.containers
     cluster.start()
     return cluster
+
+
+def register(cluster) -> None:
+    """The nodes registered on the frontend, as an operator would."""
+    for args in (["add", "host", "nas-0-0", "appliance=nas"],
+                 ["add", "host", "vm-container-0-14", "appliance=vm-container"],
+                 ["add", "host", "compute-0-3", "appliance=vm-container"],
+                 ["set", "host", "attr", "nas-0-0", "img_zpools", "tank"]):
+        ok(cluster.rocks(*args))
+
+
+def registered_cluster(tmp_path_factory, vhost, name: str, **kw):
+    """A fixture body: a started, registered cluster of its own, stopped afterwards."""
+    c = _cluster(tmp_path_factory, vhost, name, **kw)
+    register(c)
+    yield c
+    c.stop_all()
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +53,8 @@ def daemons(tmp_path_factory, vhost):
 @pytest.fixture(scope="module")
 def cluster(daemons):
     """The same nodes, registered on the frontend as an operator would."""
-    c = daemons
-    for args in (["add", "host", "nas-0-0", "appliance=nas"],
-                 ["add", "host", "vm-container-0-14", "appliance=vm-container"],
-                 ["add", "host", "compute-0-3", "appliance=vm-container"],
-                 ["set", "host", "attr", "nas-0-0", "img_zpools", "tank"]):
-        proc = c.rocks(*args)
-        assert proc.returncode == 0, proc.stderr
-    return c
+    register(daemons)
+    return daemons
 
 
 @pytest.fixture

@@ -9,23 +9,15 @@ import time
 
 import pytest
 
-from imgstorage.simcluster import ENTRY, PYTHON, SimCluster, broker_url
+from imgstorage.simcluster import ENTRY, PYTHON
 
-from .conftest import ok
+from .conftest import ok, registered_cluster
 from .test_storagemap import wait_for_lock
 
 
 @pytest.fixture(scope="module")
 def crashy(tmp_path_factory, vhost):
-    c = SimCluster(tmp_path_factory.mktemp("restart"), broker_url(vhost))
-    c.make_pools()
-    c.start()
-    for args in (["add", "host", "nas-0-0", "appliance=nas"],
-                 ["add", "host", "vm-container-0-14", "appliance=vm-container"],
-                 ["add", "host", "compute-0-3", "appliance=vm-container"]):
-        ok(c.rocks(*args))
-    yield c
-    c.stop_all()
+    yield from registered_cluster(tmp_path_factory, vhost, "restart")
 
 
 def nas_row(cluster, zvol):
