@@ -118,16 +118,29 @@ def list_host_storagemap(inv: Invocation) -> None:
             raise _malformed(nas, "zvol list")
         now = time.time()
         for row in body:
+            nextsync = row.get("nextsync") if row.get("lifecycle") in ("local", "pulling") else None
             rows.append([nas, row.get("zvol"), row.get("remotehost"), row.get("zpool"),
                          row.get("iscsi_target"), row.get("state"), elapsed(row.get("time"), now),
-                         percent(row.get("progress")), rate(row.get("rate"))])
-    # The seed's columns always; a running transfer's figures only while one runs.
-    moving = any(r[7] or r[8] for r in rows)
-    headers = ["NAS", "ZVOL", "HOST", "ZPOOL", "TARGET", "STATE", "TIME"]
-    table = Table(headers + (["PROGRESS", "RATE"] if moving else []))
+                         percent(row.get("progress")), rate(row.get("rate")),
+                         _when(nextsync)])
+    # The seed's columns always; a transfer's figures while one runs; the next
+    # periodic sync while a zvol runs from a container's copy.
+    extra = [i for i, used in ((7, any(r[7] or r[8] for r in rows)),
+                               (8, any(r[7] or r[8] for r in rows)),
+                               (9, any(r[9] for r in rows))) if used]
+    headers = ["NAS", "ZVOL", "HOST", "ZPOOL", "TARGET", "STATE", "TIME", "PROGRESS", "RATE",
+               "NEXTSYNC"]
+    table = Table(headers[:7] + [headers[i] for i in extra])
     for r in rows:
-        table.add(*(r if moving else r[:7]))
+        table.add(*(r[:7] + [r[i] for i in extra]))
     inv.table(table)
+
+
+def _when(epoch: Any) -> Optional[str]:
+    """A next-sync time as the original printed it: ``Tue 14:05.09``."""
+    if not isinstance(epoch, (int, float)) or isinstance(epoch, bool):
+        return None
+    return time.strftime("%a %H:%M.%S", time.localtime(epoch))
 
 
 @command(

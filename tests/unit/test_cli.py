@@ -764,3 +764,19 @@ def test_main_exits_with_the_status(conf):
     with pytest.raises(SystemExit) as info:
         cli.main(["add", "host", "x", "appliance=nas"])
     assert info.value.code == 1
+
+
+def test_list_host_storagemap_shows_transfer_figures_and_next_sync(cluster):
+    import time as real_time
+    body = [dict(_zrow("synced-vol", "compute-0-3", "tank", None, "mapped"), lifecycle="local",
+                 nextsync=2000000000),
+            dict(_zrow("moving-vol", "compute-0-3", "tank", None, "NAS<-VM sched",
+                       started=real_time.time() - 5), lifecycle="pulling", progress=42.4,
+                 rate=1500000.0)]
+    cluster.rpc.expect("nas-0-0", {"action": "list_zvols"}, {"body": body})
+    rows = json.loads(ok("list", "host", "storagemap", "nas-0-0", "output-format=json"))
+    by = {r["zvol"]: r for r in rows}
+    assert by["moving-vol"]["progress"] == "42%" and by["moving-vol"]["rate"] == "1.5 MB/s"
+    assert by["synced-vol"]["nextsync"] == real_time.strftime(
+        "%a %H:%M.%S", real_time.localtime(2000000000))
+    assert by["synced-vol"]["progress"] is None and by["moving-vol"]["nextsync"] is None
