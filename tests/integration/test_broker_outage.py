@@ -1,7 +1,8 @@
 """The broker stopped and started again: daemons reconnect, the CLI never hangs.
 
-This module stops the whole local broker for a few seconds, so it runs last
-(the file name sorts after the others) and in its own cluster.
+This module stops the whole local broker for a few seconds; it uses a cluster
+of its own, and the other modules' clusters are torn down before it starts
+(all cluster fixtures are module-scoped).
 """
 from __future__ import annotations
 
