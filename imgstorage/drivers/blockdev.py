@@ -5,6 +5,12 @@ holds it.  No single test sees every kind of user, so ``in_use`` asks three
 ways, cheapest first: the kernel's holders list (another device-mapper or md
 device stacked on top), an exclusive open (a mount, a dm table, LIO), and
 ``fuser`` (a process such as qemu that merely has it open).
+
+A disk that has just appeared (an iSCSI login, a new zvol) is opened for a
+moment by udev's workers (blkid, scsi_id) while they probe it: on a real
+kernel fuser finds them for a second or two after the device exists.  Those
+are not users, so when fuser finds someone, udev's queue is drained
+(``udevadm settle``) and fuser asked once more.
 """
 from __future__ import annotations
 
@@ -18,6 +24,8 @@ from ..errors import CommandError, DriverError
 from ..runner import Runner
 
 log = logging.getLogger(__name__)
+
+UDEV_SETTLE_TIMEOUT = 10
 
 
 class RealBlockDevices:
@@ -87,6 +95,23 @@ class RealBlockDevices:
         return False
 
     def _fuser(self, device: str) -> bool:
+        if not self._fuser_once(device):
+            return False
+        if not self._udev_settle():
+            return True
+        return self._fuser_once(device)
+
+    def _udev_settle(self) -> bool:
+        """Wait for udev's probes to end; False when that could not be done."""
+        argv = ["udevadm", "settle", f"--timeout={UDEV_SETTLE_TIMEOUT}"]
+        try:
+            result = self.runner.run(argv, check=False, timeout=UDEV_SETTLE_TIMEOUT + 10)
+        except CommandError as exc:      # no udevadm here (a container), or it hung
+            log.debug("udevadm settle: %s", exc)
+            return False
+        return result.returncode == 0
+
+    def _fuser_once(self, device: str) -> bool:
         argv = ["fuser", "-s", device]
         result = self.runner.run(argv, check=False)
         if result.returncode == 0:

@@ -106,10 +106,15 @@ def test_an_exclusive_holder_makes_the_open_fail_with_ebusy(node):
 
 def test_a_process_holding_it_open_is_found_by_fuser(node):
     device = str(node / "dev" / "mapper" / "compute-0-1-0-vol-snap")
-    runner = ReplayRunner().expect(["fuser", "-s", device], "blockdev/fuser_in_use.txt")
+    runner = (ReplayRunner()
+              .expect(["fuser", "-s", device], "blockdev/fuser_in_use.txt", times=2)
+              .expect(["udevadm", "settle", "--timeout=10"]))
     opener = Opener()
     assert devices(runner, node, opener).in_use(device) is True
     assert opener.closed == [42]
+    # Asked again once udev settled: a probing udev worker is not a user.
+    assert runner.argvs == [["fuser", "-s", device], ["udevadm", "settle", "--timeout=10"],
+                            ["fuser", "-s", device]]
 
 
 def test_nobody_uses_it(node):

@@ -1,0 +1,498 @@
+"""The operator's workflows on the real kernel, driven from the host through ``rocks``.
+
+Each scenario writes seeded patterns on a guest's block device through the
+test agent, keeps the image the zvol must hold (an :class:`Image`), and in
+the end compares the NAS zvol with it chunk by chunk: the guest summarises
+each 1 MiB chunk (all zero, or its sha256) reading with O_DIRECT, and the
+runner computes the same from the image.  The patterns are
+``random.Random(seed).randbytes(n)``, the same on both sides.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+from cluster import CONTAINER, NAS, POOL, KernelCluster
+
+KIB = 1024
+MIB = 1024 * KIB
+GIB = 1024 * MIB
+CHUNK = MIB
+
+
+def pattern(seed: int, length: int) -> bytes:
+    return random.Random(seed).randbytes(length)
+
+
+class Image:
+    """What a zvol must hold: zeros, plus every write so far, in order."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.chunks: Dict[int, bytearray] = {}
+
+    def apply(self, writes: List[Dict]) -> None:
+        for w in writes:
+            data = pattern(w["seed"], w["length"])
+            pos = w["offset"]
+            while data:
+                index, within = divmod(pos, CHUNK)
+                chunk = self.chunks.setdefault(index, bytearray(CHUNK))
+                take = min(len(data), CHUNK - within)
+                chunk[within:within + take] = data[:take]
+                data, pos = data[take:], pos + take
+
+    def summary(self, offset: int = 0, length: Optional[int] = None) -> List[Optional[str]]:
+        end = self.size if length is None else offset + length
+        out = []
+        for index in range(offset // CHUNK, (end + CHUNK - 1) // CHUNK):
+            chunk = self.chunks.get(index)
+            out.append(None if chunk is None or not any(chunk)
+                       else hashlib.sha256(bytes(chunk)).hexdigest())
+        return out
+
+
+def writes(seed: int, spans: List[Tuple[int, int]]) -> List[Dict]:
+    return [{"offset": off, "length": length, "seed": seed * 1000 + i}
+            for i, (off, length) in enumerate(spans)]
+
+
+def scattered(seed: int, count: int, length: int, lo: int, hi: int) -> List[Dict]:
+    """``count`` aligned writes of ``length`` bytes between ``lo`` and ``hi``."""
+    rng = random.Random(seed)
+    slots = rng.sample(range(lo // length, hi // length), count)
+    return writes(seed, [(s * length, length) for s in sorted(slots)])
+
+
+# --------------------------------------------------------------- the CLI
+def storagemap(c: KernelCluster) -> Dict[str, Dict]:
+    rows = json.loads(c.ok("list", "host", "storagemap", NAS, "output-format=json"))
+    return {r["zvol"]: r for r in rows}
+
+
+def storagedev(c: KernelCluster) -> Dict[str, Dict]:
+    rows = json.loads(c.ok("list", "host", "storagedev", CONTAINER, "output-format=json"))
+    return {r["zvol"]: r for r in rows}
+
+
+def wait_until(what: str, probe: Callable[[], object], timeout: float = 300.0,
+               interval: float = 0.5, show: Optional[Callable[[], object]] = None):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"waited {timeout:g} s for {what}; last seen: "
+                                 f"{(show() if show else value)!r}")
+        time.sleep(interval)
+
+
+def map_zvol(c: KernelCluster, zvol: str, sync: bool) -> str:
+    args = ["add", "host", "storagemap", NAS, POOL, zvol, CONTAINER, "1",
+            f"img_sync={'true' if sync else 'false'}"]
+    if sync:
+        args.append(f"remotepool={POOL}")
+    lines = c.ok(*args).splitlines()
+    assert lines[0] == f"mapping  {NAS} : {POOL} / {zvol}  on  {CONTAINER}", lines
+    device = lines[1]
+    if sync:
+        assert device == f"/dev/mapper/{zvol}-snap", lines
+    else:
+        assert re.fullmatch(r"/dev/sd[a-z]+", device), lines
+    return device
+
+
+def unmap_zvol(c: KernelCluster, zvol: str) -> None:
+    lines = c.ok("remove", "host", "storagemap", NAS, zvol).splitlines()
+    assert lines == [f"unmapping   {NAS} : {zvol}", "Success"], lines
+
+
+def state_of(c: KernelCluster, zvol: str) -> Optional[str]:
+    row = storagemap(c).get(zvol)
+    return row["state"] if row else None
+
+
+def wait_state(c: KernelCluster, zvol: str, *states: str, timeout: float = 300.0) -> str:
+    return wait_until(f"{zvol} in {states}", lambda: (lambda s: s if s in states else None)(
+        state_of(c, zvol)), timeout, show=lambda: storagemap(c).get(zvol))
+
+
+def nas_device(zvol: str) -> str:
+    return f"/dev/zvol/{POOL}/{zvol}"
+
+
+def assert_holds(c: KernelCluster, guest, device: str, image: Image, what: str,
+                 offset: int = 0, length: Optional[int] = None) -> float:
+    got = guest.summary(device, offset, length)
+    if length is None:
+        assert got["size"] == image.size, f"{what}: {device} is {got['size']} bytes, " \
+                                          f"not {image.size}"
+    want = image.summary(offset, length)
+    bad = [offset // CHUNK + i for i, (a, b) in enumerate(zip(got["chunks"], want)) if a != b]
+    assert len(got["chunks"]) == len(want) and not bad, \
+        f"{what}: {device} differs from the expected bytes in MiB chunks {bad[:10]}" \
+        f"{' ...' if len(bad) > 10 else ''} ({len(bad)} in all)"
+    return got["seconds"]
+
+
+def assert_written(c: KernelCluster, guest, device: str, image: Image, ws: List[Dict],
+                   what: str) -> None:
+    """Only the chunks the writes touched: reading a whole disk over iSCSI is slow here."""
+    for w in ws:
+        start = w["offset"] // CHUNK * CHUNK
+        end = (w["offset"] + w["length"] + CHUNK - 1) // CHUNK * CHUNK
+        assert_holds(c, guest, device, image, what, start, end - start)
+
+
+def assert_container_clean(c: KernelCluster, zvol: str) -> None:
+    g = c.container
+    names = g.sh("zfs", "list", "-H", "-o", "name", "-t", "all").split()
+    assert not any(n.split("@")[0] in (f"{POOL}/{zvol}", f"{POOL}/{zvol}-temp-write")
+                   for n in names), f"the container still has {names}"
+    dm = g.sh("dmsetup", "ls")
+    assert f"{zvol}-snap" not in dm, f"the container still has dm device: {dm}"
+    sessions = g.result("iscsiadm", "-m", "session")["stdout"]
+    assert zvol not in sessions, f"the container still has an iSCSI session: {sessions}"
+    targets = c.nas.sh("python3", "-c", "import rtslib_fb; print([t.wwn for t in "
+                       "rtslib_fb.RTSRoot().targets])")
+    assert zvol not in targets, f"the NAS still exports it: {targets}"
+
+
+def remove_image(c: KernelCluster, zvol: str) -> None:
+    """The operator deletes the zvol: the NAS's pool has room for only a few thick zvols."""
+    lines = c.ok("remove", "host", "storageimg", NAS, POOL, zvol).splitlines()
+    assert lines == [f"removing   {NAS} : {POOL} / {zvol}", "Success"], lines
+    left = c.nas.sh("zfs", "list", "-H", "-o", "name", "-t", "all", "-r", POOL).split()
+    assert not any(n.split("@")[0] == f"{POOL}/{zvol}" for n in left), left
+
+
+def prepare(c: KernelCluster, zvol: str, seed: int) -> Image:
+    """A 1 GB zvol made by a direct map and unmap, then a pattern written on the NAS."""
+    map_zvol(c, zvol, sync=False)
+    unmap_zvol(c, zvol)
+    image = Image(GIB)
+    base = writes(seed, [(0, 24 * MIB), (512 * MIB, 128 * KIB), (GIB - 64 * KIB, 64 * KIB)])
+    c.nas.write(nas_device(zvol), base)
+    image.apply(base)
+    return image
+
+
+# ------------------------------------------------------------ scenarios
+def direct_iscsi(c: KernelCluster, note: Callable[[str], None]) -> None:
+    """Map directly, write from the container, unmap, and find the bytes on the NAS."""
+    zvol = "kdirect"
+    device = map_zvol(c, zvol, sync=False)
+    size = int(c.container.sh("blockdev", "--getsize64", device))
+    assert size == GIB, f"{device} is {size} bytes"
+    g, n = c.container, c.nas
+    target = f"iqn.2001-04.com.{NAS}-{zvol}"
+    c.rec(g, "iscsi/real_discovery", "iscsiadm", "-m", "discovery", "-t", "sendtargets",
+          "-p", NAS, note="bookworm open-iscsi 2.1.8 against LIO; portal given by host name")
+    c.rec(g, "iscsi/real_sessions_p3", "iscsiadm", "-m", "session", "-P", "3",
+          note="bookworm open-iscsi 2.1.8, one LIO session with CHAP")
+    c.rec(g, "iscsi/real_login_already", "iscsiadm", "-m", "node", "-T", target, "-p", NAS,
+          "--login", note="a second login to a logged-in target")
+    c.rec(g, "blockdev/real_getsize64", "blockdev", "--getsize64", device,
+          note="a 1 GiB LIO LUN")
+    c.rec(n, "zfs/real_list_volumes", "zfs", "list", "-Hp", "-o", "name,volsize,used,refer",
+          "-t", "volume", "-r", POOL, note="zfsutils-linux 2.1.11")
+    c.rec(n, "zfs/real_destroy_busy", "zfs", "destroy", f"{POOL}/{zvol}",
+          note="the zvol is exported by LIO")
+    image = Image(GIB)
+    ws = writes(11, [(0, MIB), (100 * MIB + 4 * KIB, 256 * KIB), (GIB - 64 * KIB, 64 * KIB)])
+    c.container.write(device, ws)
+    image.apply(ws)
+    assert_written(c, c.container, device, image, ws, "the container's iSCSI disk")
+    row = storagedev(c).get(zvol)
+    assert row is not None and row["status"] == "iscsi", row
+    unmap_zvol(c, zvol)
+    assert state_of(c, zvol) == "unmapped"
+    c.rec(g, "iscsi/real_logout_no_session", "iscsiadm", "-m", "node", "-T", target,
+          "--logout", note="nothing logged in any more")
+    c.rec(g, "iscsi/real_sessions_none", "iscsiadm", "-m", "session", "-P", "3")
+    c.rec(n, "zfs/real_get_missing", "zfs", "list", "-Hp", "-o", "name,volsize,used,refer",
+          "-t", "volume", f"{POOL}/nosuchvol")
+    seconds = assert_holds(c, c.nas, nas_device(zvol), image, "the NAS zvol")
+    note(f"NAS checksum {seconds:.1f}s")
+    assert_container_clean(c, zvol)
+    remove_image(c, zvol)
+
+
+def _throttled_sync_map(c: KernelCluster, zvol: str, speed: int, frequency: int) -> str:
+    c.ok("set", "host", "zvolattr", NAS, zvol, "uploadspeed", str(speed))
+    c.ok("set", "host", "zvolattr", NAS, zvol, "frequency", str(frequency))
+    return map_zvol(c, zvol, sync=True)
+
+
+def sync_mode(c: KernelCluster, note: Callable[[str], None]) -> None:
+    """Writes during the copy, the merge and after the switch; stop; the NAS has them all."""
+    zvol = "ksync"
+    image = prepare(c, zvol, 21)
+    device = _throttled_sync_map(c, zvol, 2_000_000, 300)
+    g = c.container
+
+    # 1. during the NAS->VM copy: the writes go to the temp-write zvol
+    assert state_of(c, zvol) == "NAS->VM", storagemap(c).get(zvol)
+    w1 = scattered(22, 96, 64 * KIB, 0, 256 * MIB) + writes(23, [(30 * MIB, 2 * MIB)])
+    g.write(device, w1)
+    image.apply(w1)
+    assert state_of(c, zvol) == "NAS->VM", "the copy ended before the writes did"
+    assert_written(c, g, device, image, w1[-1:], "the snapshot device during the copy")
+    c.rec(g, "dm/real_status_snapshot", "dmsetup", "status", f"{zvol}-snap",
+          note="bookworm dmsetup 1.02.185, kernel 6.1; 1 GiB origin over iSCSI, writes in COW")
+    c.rec(g, "dm/real_table_snapshot", "dmsetup", "table", f"{zvol}-snap")
+    c.rec(g, "dm/real_status_all", "dmsetup", "status")
+    c.rec(g, "dm/real_info_missing", "dmsetup", "info", "nosuchdevice")
+    c.rec(g, "dm/real_status_missing", "dmsetup", "status", "nosuchdevice")
+
+    # 2. during the kernel's snapshot-merge, seen and written inside the guest
+    w2 = scattered(24, 16, 64 * KIB, 256 * MIB, 512 * MIB)
+    r = g.call("write_when", path=device, writes=w2, probe=["dmsetup", "status", f"{zvol}-snap"],
+               match=r"snapshot-merge|linear", timeout=600, interval=0.02)
+    assert r["matched"], f"the merge never showed: {r['before']}"
+    assert "snapshot-merge" in r["before"], f"the merge was over before it was seen: {r['before']}"
+    image.apply(w2)
+    merging_after = "snapshot-merge" in r["after"]
+    if c.recording:
+        from record import FIXTURES
+        (FIXTURES / "dm" / "real_status_merging.txt").write_text(
+            f"command: dmsetup status {zvol}-snap\nnote: seen by the agent as the merge ran\n"
+            f"exit: 0\n--- stdout\n{r['before']}--- stderr\n")
+    note(f"merge writes {'inside' if merging_after else 'overlapping the end of'} the merge")
+
+    # 3. after the switch to the local copy
+    wait_until("dm linear", lambda: "linear" in g.sh("dmsetup", "table", f"{zvol}-snap"),
+               timeout=600)
+    wait_state(c, zvol, "mapped")
+    c.rec(g, "dm/real_status_linear", "dmsetup", "status", f"{zvol}-snap")
+    c.rec(g, "blockdev/real_fuser_dm", "fuser", "-s", device)
+    c.rec(c.nas, "zfs/real_list_snapshots", "zfs", "list", "-Hp", "-t", "snapshot", "-o", "name",
+          "-s", "creation", "-d", "1", f"{POOL}/{zvol}")
+    snaps = nas_snapshots(c, zvol)
+    if snaps:
+        c.rec(c.nas, "zfs/real_send_estimate", "zfs", "send", "-nP", snaps[-1],
+              note="a full stream's estimate")
+    w3 = writes(25, [(600 * MIB, 3 * MIB), (GIB - 128 * KIB, 64 * KIB)])
+    g.write(device, w3)
+    image.apply(w3)
+    assert_holds(c, g, device, image, "the local copy", 0, 32 * MIB)
+
+    # 4. stop: the final pull, then the container's copy goes
+    w4 = writes(26, [(700 * MIB, MIB)])
+    g.write(device, w4)
+    image.apply(w4)
+    unmap_zvol(c, zvol)
+    wait_state(c, zvol, "unmapped", timeout=600)
+    assert_holds(c, c.nas, nas_device(zvol), image, "the NAS zvol after stop")
+    assert_container_clean(c, zvol)
+    remove_image(c, zvol)
+
+
+def nas_snapshots(c: KernelCluster, zvol: str) -> List[str]:
+    out = c.nas.sh("zfs", "list", "-H", "-o", "name", "-t", "snapshot", "-s", "creation",
+                   "-d", "1", f"{POOL}/{zvol}")
+    return out.split()
+
+
+def new_pull(c: KernelCluster, zvol: str, before: List[str]) -> bool:
+    now = nas_snapshots(c, zvol)
+    return bool(now) and now[-1] not in before and state_of(c, zvol) == "mapped"
+
+
+def stop_during_copy(c: KernelCluster, note: Callable[[str], None]) -> None:
+    """Unmap while the NAS->VM copy runs: the VM's writes go home through iSCSI."""
+    zvol = "kstop"
+    image = prepare(c, zvol, 31)
+    device = _throttled_sync_map(c, zvol, 1_000_000, 300)
+    g = c.container
+    assert state_of(c, zvol) == "NAS->VM", storagemap(c).get(zvol)
+    w1 = scattered(32, 48, 64 * KIB, 0, 512 * MIB)
+    g.write(device, w1)
+    image.apply(w1)
+    assert state_of(c, zvol) == "NAS->VM", "the copy ended before the stop"
+    unmap_zvol(c, zvol)
+    wait_state(c, zvol, "unmapped", timeout=600)
+    assert_holds(c, c.nas, nas_device(zvol), image, "the NAS zvol after a stop during the copy")
+    assert_container_clean(c, zvol)
+    remove_image(c, zvol)
+
+
+def periodic_pull(c: KernelCluster, note: Callable[[str], None]) -> None:
+    """Once the VM runs from its local copy, the NAS pulls its writes home every few seconds."""
+    zvol = "kpull"
+    image = prepare(c, zvol, 41)
+    device = map_zvol(c, zvol, sync=True)
+    c.ok("set", "host", "zvolattr", NAS, zvol, "frequency", "5")
+    g = c.container
+    wait_until("dm linear", lambda: "linear" in g.sh("dmsetup", "table", f"{zvol}-snap"),
+               timeout=600)
+    wait_state(c, zvol, "mapped")
+    ws = writes(42, [(8 * MIB, 2 * MIB), (800 * MIB, 512 * KIB)])
+    g.write(device, ws)
+    image.apply(ws)
+    before = nas_snapshots(c, zvol)
+    wait_until("a periodic pull", lambda: new_pull(c, zvol, before), timeout=300)
+    seconds = assert_holds(c, c.nas, nas_device(zvol), image, "the NAS zvol after a periodic pull")
+    note(f"NAS checksum {seconds:.1f}s")
+    unmap_zvol(c, zvol)
+    wait_state(c, zvol, "unmapped", timeout=600)
+    assert_holds(c, c.nas, nas_device(zvol), image, "the NAS zvol after stop")
+    assert_container_clean(c, zvol)
+    remove_image(c, zvol)
+
+
+def busy_device(c: KernelCluster, note: Callable[[str], None]) -> None:
+    """A process holding the container's disk (as qemu would) keeps the unmap from happening."""
+    zvol = "kbusy"
+    device = map_zvol(c, zvol, sync=False)
+    g = c.container
+    g.sh("systemd-run", "--unit=kbusy-holder", "sh", "-c", f"exec 3<>{device}; exec sleep 600")
+    wait_until("the holder", lambda: g.result("fuser", "-s", device)["rc"] == 0, timeout=60)
+    c.rec(g, "blockdev/real_fuser_in_use", "fuser", "-s", device,
+          note="a shell holds the iSCSI disk open, as qemu would")
+    started = time.monotonic()
+    proc = c.rocks("remove", "host", "storagemap", NAS, zvol, "timeout=20")
+    err = proc.stderr.strip()
+    assert proc.returncode != 0, f"the unmap of a held disk succeeded: {proc.stdout}"
+    assert f"device {device} of zvol {zvol} is still in use" in err \
+        and len(err.splitlines()) == 1, err
+    note(f"unmap refused after {time.monotonic() - started:.0f}s while held")
+    assert state_of(c, zvol) == "mapped", storagemap(c).get(zvol)
+    assert f"{NAS}-{zvol}" in g.sh("iscsiadm", "-m", "session"), "the session went anyway"
+    g.sh("systemctl", "stop", "kbusy-holder")
+    unmap_zvol(c, zvol)
+    assert_container_clean(c, zvol)
+    remove_image(c, zvol)
+
+
+def restart_daemons(c: KernelCluster, note: Callable[[str], None]) -> None:
+    """Both daemons restarted while a zvol is mapped: they find the kernel's state and let go."""
+    zvol = "krestart"
+    device = map_zvol(c, zvol, sync=False)
+    ws = writes(51, [(0, 256 * KIB)])
+    c.container.write(device, ws)
+    image = Image(GIB)
+    image.apply(ws)
+    # What a restarted NAS (or imgstorageadmin) reads back from LIO through rtslib-fb.
+    out = c.nas.sh("python3", "-c", "import json; from imgstorage.drivers.lio import LioTarget; "
+                   "print(json.dumps([vars(t) for t in LioTarget().list_targets()]))")
+    assert json.loads(out) == [{"iqn": f"iqn.2001-04.com.{NAS}-{zvol}",
+                                "device": nas_device(zvol), "tid": None,
+                                "acls": [f"iqn.2005-03.org.open-iscsi:{CONTAINER}"]}], out
+    for guest in (c.nas, c.container):
+        c.restart_daemon(guest)
+    row = storagemap(c)[zvol]
+    assert row["state"] == "mapped" and row["host"] == CONTAINER, row
+    dev = storagedev(c).get(zvol)
+    assert dev is not None and dev["block dev"] == device.rsplit("/", 1)[1], dev
+    unmap_zvol(c, zvol)
+    assert_holds(c, c.nas, nas_device(zvol), image, "the NAS zvol after the restarts")
+    assert_container_clean(c, zvol)
+    remove_image(c, zvol)
+
+
+def dm_by_hand(c: KernelCluster, note: Callable[[str], None]) -> None:
+    """dm-snapshot's life cycle on two local zvols, with dmsetup alone: what the kernel prints
+    at each step, including a finished merge and a device that is busy."""
+    g = c.container
+    origin, cow, name = f"{POOL}/kdm-origin", f"{POOL}/kdm-cow", "kdm-snap"
+    g.sh("zfs", "create", "-V", "64M", origin)
+    g.sh("zfs", "create", "-s", "-V", "64M", cow)
+    g.sh("udevadm", "settle")
+    odev, cdev = f"/dev/zvol/{origin}", f"/dev/zvol/{cow}"
+    sectors = 64 * MIB // 512
+    try:
+        g.sh("dmsetup", "create", name, "--table", f"0 {sectors} snapshot {odev} {cdev} P 16")
+        c.rec(g, "dm/real_status_snapshot_empty", "dmsetup", "status", name,
+              note="a new persistent snapshot, nothing written")
+        c.rec(g, "dm/real_create_exists", "dmsetup", "create", name, "--table",
+              f"0 {sectors} snapshot {odev} {cdev} P 16", note="the name is taken")
+        g.write(f"/dev/mapper/{name}", writes(61, [(0, 4 * MIB)]))
+        g.sh("dmsetup", "suspend", name)
+        g.sh("dmsetup", "reload", name, "--table",
+             f"0 {sectors} snapshot-merge {odev} {cdev} P 16")
+        g.sh("dmsetup", "resume", name)
+        wait_until("the merge", lambda: merged_status(g.sh("dmsetup", "status", name)),
+                   timeout=120)
+        c.rec(g, "dm/real_status_merged", "dmsetup", "status", name,
+              note="snapshot-merge once every chunk is back in the origin")
+        g.sh("systemd-run", "--unit=kdm-holder", "sh", "-c",
+             f"exec 3<>/dev/mapper/{name}; exec sleep 600")
+        wait_until("the holder", lambda: g.result("fuser", "-s", f"/dev/mapper/{name}")["rc"] == 0,
+                   timeout=60)
+        c.rec(g, "dm/real_remove_busy", "dmsetup", "remove", name,
+              note="a process holds the device open")
+        g.sh("systemctl", "stop", "kdm-holder")
+        g.sh("dmsetup", "suspend", name)
+        g.sh("dmsetup", "reload", name, "--table", f"0 {sectors} linear {odev} 0")
+        g.sh("dmsetup", "resume", name)
+        c.rec(g, "dm/real_table_linear", "dmsetup", "table", name)
+        c.rec(g, "zfs/real_destroy_cow_held", "zfs", "destroy", cow,
+              note="right after the table stopped using it")
+    finally:
+        g.result("systemctl", "stop", "kdm-holder")
+        g.result("dmsetup", "remove", "--retry", name)
+        g.result("udevadm", "settle")
+        for ds in (cow, origin):
+            g.result("zfs", "destroy", "-r", ds)
+
+
+def zfs_streams_by_hand(c: KernelCluster, note: Callable[[str], None]) -> None:
+    """zfs send | zfs receive on the NAS alone: how receive refuses what sync mode must
+    recover from (a base that does not match, a full stream over history, a cut stream)."""
+    n = c.nas
+    a, b, d = f"{POOL}/ks-a", f"{POOL}/ks-b", f"{POOL}/ks-d"
+
+    def pipe(name: str, cmd: str, note_text: str, ok: bool) -> None:
+        argv = ["sh", "-c", cmd]
+        if c.recording:
+            from record import record
+            r = record(n, name, argv, note_text)
+        else:
+            r = n.result(*argv)
+        assert (r["rc"] == 0) is ok, f"`{cmd}` -> {r['rc']}: {r['stderr']}"
+
+    try:
+        n.sh("zfs", "create", "-s", "-V", "64M", a)
+        n.sh("udevadm", "settle")
+        n.write(f"/dev/zvol/{a}", writes(71, [(0, MIB)]))
+        n.sh("zfs", "snapshot", f"{a}@s1")
+        n.write(f"/dev/zvol/{a}", writes(72, [(2 * MIB, MIB)]))
+        n.sh("zfs", "snapshot", f"{a}@s2")
+        pipe("zfs/real_receive_full", f"zfs send {a}@s1 | zfs receive -F {b}",
+             "a full stream into a new zvol", True)
+        pipe("zfs/real_receive_incremental", f"zfs send -I @s1 {a}@s2 | zfs receive -F {b}",
+             "the incremental on top of it", True)
+        pipe("zfs/real_receive_full_over_history", f"zfs send {a}@s1 | zfs receive -F {b}",
+             "a full stream into a zvol that has snapshots", False)
+        n.sh("sh", "-c", f"zfs send {a}@s1 | zfs receive -F {d}")
+        n.sh("zfs", "snapshot", f"{d}@other")
+        n.sh("zfs", "destroy", f"{d}@s1")
+        pipe("zfs/real_receive_base_mismatch", f"zfs send -I @s1 {a}@s2 | zfs receive -F {d}",
+             "the destination no longer has the stream's base", False)
+        pipe("zfs/real_receive_truncated",
+             f"zfs send {a}@s2 | head -c 200000 | zfs receive -F {f'{POOL}/ks-e'}",
+             "the stream ends early", False)
+        pipe("zfs/real_send_estimate_incremental", f"zfs send -nP -I @s1 {a}@s2",
+             "an incremental estimate", True)
+    finally:
+        for ds in (a, b, d, f"{POOL}/ks-e"):
+            n.result("zfs", "destroy", "-r", ds)
+
+
+def merged_status(status: str) -> bool:
+    """``0 L snapshot-merge A/T M``: done when A == M."""
+    fields = status.split()
+    return len(fields) == 5 and int(fields[3].split("/")[0]) == int(fields[4])
+
+
+SCENARIOS = [("direct-iscsi", direct_iscsi), ("sync-mode", sync_mode),
+             ("stop-during-copy", stop_during_copy),
+             ("periodic-pull", periodic_pull), ("busy-device", busy_device),
+             ("restart-daemons", restart_daemons), ("dm-by-hand", dm_by_hand),
+             ("zfs-streams-by-hand", zfs_streams_by_hand)]
