@@ -45,10 +45,11 @@ SUITE = "bookworm"
 COMPONENTS = "main contrib"
 
 # What the guest needs to be a NAS or a VM container (and nothing to boot a desktop).
+# python3-pyzfs gives imgstorage its libzfs_core driver, as on a production node.
 GUEST_PACKAGES = [
     "systemd", "systemd-sysv", "udev", "dbus", "kmod", "iproute2", "procps", "psmisc",
     "util-linux", "e2fsprogs", "initramfs-tools", "zstd",
-    "python3", "python3-pip", "python3-rtslib-fb",
+    "python3", "python3-pip", "python3-rtslib-fb", "python3-pyzfs",
     "open-iscsi", "dmsetup", "zfsutils-linux",
 ]
 GUEST_PYTHON = "3.11"          # bookworm's python3
@@ -303,6 +304,17 @@ def make_disk(root: Path, out: Path) -> None:
          out, f"{size_mb}M"])
 
 
+def prune(kernel: str, keep: Path) -> None:
+    """Older images (another builder, another kernel) and other kernels' ZFS modules go."""
+    for path in cache_root().iterdir():
+        older_image = (path != keep and (path / "manifest.json").exists())
+        other_zfs = (path.name.startswith("zfs-modules-")
+                     and path.name != f"zfs-modules-{kernel}")
+        if older_image or other_zfs:
+            say(f"removing the outdated {path.name}")
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def build(kernel: str, reqs: list, dest: Path) -> None:
     started = time.monotonic()
     cache_root().mkdir(parents=True, exist_ok=True)
@@ -343,6 +355,7 @@ def build(kernel: str, reqs: list, dest: Path) -> None:
         if dest.exists():
             shutil.rmtree(dest)
         boot.rename(dest)
+        prune(kernel, dest)
         say(f"image ready in {dest} after {time.monotonic() - started:.0f} s")
     finally:
         shutil.rmtree(work, ignore_errors=True)

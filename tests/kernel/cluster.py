@@ -299,6 +299,12 @@ class KernelCluster:
         for name in self.guests:
             self.wait_ready(name, timeout)
 
+    def zfs_driver(self, guest: "Guest") -> str:
+        """Which ZFS driver imgstorage picks on ``guest`` (libzfs_core when pyzfs imports)."""
+        return guest.sh("python3", "-c", "from imgstorage.drivers.zfs import make_zfs; "
+                        "from imgstorage.runner import default_runner; "
+                        "print(type(make_zfs(default_runner)).__name__)").strip()
+
     def restart_daemon(self, guest: "Guest", timeout: float = 180.0) -> None:
         daemon = DAEMON[guest.role]
         guest.sh("systemctl", "stop", daemon)

@@ -69,7 +69,8 @@ def main() -> int:
         started = time.monotonic()
         cluster.start_daemons()
         cluster.register()
-        say(f"daemons up and registered in {time.monotonic() - started:.0f}s")
+        say(f"daemons up and registered in {time.monotonic() - started:.0f}s "
+            f"(ZFS driver: {cluster.zfs_driver(cluster.nas)})")
         for name, scenario in chosen:
             notes = []
             started = time.monotonic()
