@@ -40,23 +40,24 @@ def _serve(what: str, work: Callable[[], int]) -> None:
         log.exception("%s failed", what)
 
 
-def serve_receive(config: Config, token: str, sink: ByteSink, what: str) -> Dict:
+def _serve_one(config: Config, token: str, end, serve: Callable[[StreamServer], int],
+               what: str, name: str) -> Dict:
+    """Open the one-time endpoint, serve it on a thread, answer where it listens."""
     try:
         server = StreamServer.open(config.stream_bind, token, ACCEPT_TIMEOUT)
     except BaseException:
-        sink.abort()
+        end.abort()
         raise
-    threading.Thread(target=_serve, args=(what, lambda: server.serve_into(sink)),
-                     name="stream-in", daemon=True).start()
+    threading.Thread(target=_serve, args=(what, lambda: serve(server)), name=name,
+                     daemon=True).start()
     return {"address": advertised_address(config), "port": server.port}
+
+
+def serve_receive(config: Config, token: str, sink: ByteSink, what: str) -> Dict:
+    return _serve_one(config, token, sink, lambda server: server.serve_into(sink), what,
+                      "stream-in")
 
 
 def serve_send(config: Config, token: str, source: ByteSource, what: str) -> Dict:
-    try:
-        server = StreamServer.open(config.stream_bind, token, ACCEPT_TIMEOUT)
-    except BaseException:
-        source.abort()
-        raise
-    threading.Thread(target=_serve, args=(what, lambda: server.serve_from(source)),
-                     name="stream-out", daemon=True).start()
-    return {"address": advertised_address(config), "port": server.port}
+    return _serve_one(config, token, source, lambda server: server.serve_from(source), what,
+                      "stream-out")
