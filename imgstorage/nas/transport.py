@@ -13,9 +13,21 @@ from typing import Optional
 
 from ..drivers.resolver import network_name
 from ..errors import ImgStorageError
+from ..runner import default_runner
 from ..transfer import SocketSink, SocketSource, new_token, pump, ssh_sink, ssh_source
 
 log = logging.getLogger(__name__)
+
+
+def _move(job, rate: Optional[int], open_source, open_sink) -> None:
+    """Open both ends (the source first, dropped again if the sink cannot be had) and pump."""
+    source = open_source()
+    try:
+        sink = open_sink()
+    except BaseException:
+        source.abort()
+        raise
+    pump(source, sink, rate_limit=rate, progress=job.progress, cancel=job.cancel)
 
 
 class TcpTransport:
@@ -33,13 +45,8 @@ class TcpTransport:
         reply = self.svc.remote(row.remotehost, {"action": "recv_zvol", "zvol": row.zvol,
                                                  "token": token})
         address, port = self._endpoint(reply)
-        source = self.svc.drivers.zfs.send(row.zpool, row.zvol, snap)
-        try:
-            sink = SocketSink.connect(address, port, token)
-        except BaseException:
-            source.abort()
-            raise
-        pump(source, sink, rate_limit=rate, progress=job.progress, cancel=job.cancel)
+        _move(job, rate, lambda: self.svc.drivers.zfs.send(row.zpool, row.zvol, snap),
+              lambda: SocketSink.connect(address, port, token))
 
     def pull(self, row, snap: str, base: Optional[str], job, rate: Optional[int]) -> int:
         token = new_token()
@@ -47,13 +54,8 @@ class TcpTransport:
                                                  "snap": snap, "base": base, "token": token})
         job.progress.total = reply.get("size")
         address, port = self._endpoint(reply)
-        source = SocketSource.connect(address, port, token)
-        try:
-            sink = self.svc.drivers.zfs.receive(row.zpool, row.zvol)
-        except BaseException:
-            source.abort()
-            raise
-        pump(source, sink, rate_limit=rate, progress=job.progress, cancel=job.cancel)
+        _move(job, rate, lambda: SocketSource.connect(address, port, token),
+              lambda: self.svc.drivers.zfs.receive(row.zpool, row.zvol))
         return reply.get("size")
 
 
@@ -66,29 +68,18 @@ class SshTransport:
         return network_name(self.svc.config, remotehost) or remotehost
 
     def upload(self, row, snap: str, job, rate: Optional[int]) -> None:
-        from ..runner import default_runner
-        source = self.svc.drivers.zfs.send(row.zpool, row.zvol, snap)
-        try:
-            sink = ssh_sink(default_runner, self.user, self._host(row.remotehost),
-                            row.remotepool, row.zvol)
-        except BaseException:
-            source.abort()
-            raise
-        pump(source, sink, rate_limit=rate, progress=job.progress, cancel=job.cancel)
+        _move(job, rate, lambda: self.svc.drivers.zfs.send(row.zpool, row.zvol, snap),
+              lambda: ssh_sink(default_runner, self.user, self._host(row.remotehost),
+                               row.remotepool, row.zvol))
 
     def pull(self, row, snap: str, base: Optional[str], job, rate: Optional[int]) -> int:
-        from ..runner import default_runner
         reply = self.svc.remote(row.remotehost, {"action": "send_zvol", "zvol": row.zvol,
                                                  "snap": snap, "base": base})
         job.progress.total = reply.get("size")
-        source = ssh_source(default_runner, self.user, self._host(row.remotehost),
-                            row.remotepool, row.zvol, snap, base)
-        try:
-            sink = self.svc.drivers.zfs.receive(row.zpool, row.zvol)
-        except BaseException:
-            source.abort()
-            raise
-        pump(source, sink, rate_limit=rate, progress=job.progress, cancel=job.cancel)
+        _move(job, rate, lambda: ssh_source(default_runner, self.user,
+                                            self._host(row.remotehost), row.remotepool,
+                                            row.zvol, snap, base),
+              lambda: self.svc.drivers.zfs.receive(row.zpool, row.zvol))
         return reply.get("size")
 
 
