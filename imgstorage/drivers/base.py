@@ -12,6 +12,8 @@ from typing import List, Optional, Protocol, runtime_checkable
 
 
 # --------------------------------------------------------------------- ZFS
+HOLD_TAG = "imgstorage"        # the tag of the holds imgstorage puts on its snapshots
+
 @dataclass(frozen=True)
 class ZvolInfo:
     """One volume as ``zfs list -Hp -t volume`` reports it."""
@@ -58,7 +60,22 @@ class ZfsDriver(Protocol):
     def destroy_snapshot(self, pool: str, zvol: str, snap: str) -> None: ...
     def send_size(self, pool: str, zvol: str, snap: str, base: Optional[str] = None) -> int: ...
     def send(self, pool: str, zvol: str, snap: str, base: Optional[str] = None) -> ByteSource: ...
-    def receive(self, pool: str, zvol: str) -> ByteSink: ...
+    def receive(self, pool: str, zvol: str, resumable: bool = False) -> ByteSink: ...
+    # Resumable streams.  A ``receive(..., resumable=True)`` that is cut short
+    # (the sender died, the connection broke, this process was killed) keeps
+    # what arrived, as ``zfs receive -s`` does, and the destination then has a
+    # resume token.  The sender continues from it with ``send_resume`` (``zfs
+    # send -t``).  While a partial state exists a new stream is refused until
+    # ``abort_resume`` (``zfs receive -A``) throws the partial state away.
+    def resume_token(self, pool: str, zvol: str) -> Optional[str]: ...   # None: nothing partial
+    def abort_resume(self, pool: str, zvol: str) -> None: ...            # no partial state: no-op
+    def send_resume(self, pool: str, zvol: str, token: str) -> ByteSource: ...
+    def send_resume_size(self, pool: str, zvol: str, token: str) -> int: ...
+    # Holds (``zfs hold``): a held snapshot cannot be destroyed, by us or anyone,
+    # until every tag on it is released; a recursive destroy of the zvol fails too.
+    def hold(self, pool: str, zvol: str, snap: str, tag: str = HOLD_TAG) -> None: ...     # idempotent
+    def release(self, pool: str, zvol: str, snap: str, tag: str = HOLD_TAG) -> None: ...  # idempotent
+    def holds(self, pool: str, zvol: str, snap: str) -> List[str]: ...   # the tags on it
 
 
 # ------------------------------------------------------------ iSCSI target

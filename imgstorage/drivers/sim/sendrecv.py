@@ -1,4 +1,4 @@
-"""``zfs send`` and ``zfs receive -F`` of the simulation (stream format: stream.py).
+"""``zfs send``, ``zfs receive -F`` and their resumable forms (stream format: stream.py).
 
 Send.  What goes into a stream is decided at once, under the host's ``zfs``
 lock, from the snapshots' changed sets and the files' extents, so its exact
@@ -24,25 +24,69 @@ and leaves the destination as it was.  Staging costs what the stream carries,
 never a read of the destination.  A receiver killed midway cannot clean up,
 so each new receive on the host removes the staging of receivers whose
 process is gone (the pid in the folder's name says whose it is).
+
+Resumable receive (``zfs receive -s``).  The staging belongs to the
+destination rather than to a process: ``<pool>/.resume-<vol>/``, made under a
+pid name as above and renamed into place once complete, holding besides the
+volume files
+
+* ``resume.json``: what the stream brings (snapshot, guids, geometry), and
+* ``journal``: fixed-size entries ``(kind u8, first u64, count u64)``, one
+  per record received, appended only after the record's block is in the
+  staged ``data``.  A DATA record is journaled as ``(1, block, 1)``, a FREE
+  as ``(2, first, count)``; frees are kept for the commit only.
+
+The first block not yet received (the resume block) is the end of the last
+whole journal entry.  A record staged but not journaled when the receiver
+died is simply sent again; a torn entry at the tail is cut off and whatever
+the staged data holds from the resume block on is punched away before a
+resume stream continues, so a SIGKILL at any instant leaves a state that
+resumes to the same bytes.  A receive that is cut short (``abort``, a
+truncated stream at ``close``, the process killed) keeps its staging, and the
+destination has a resume token (:class:`ResumePoint`) until a resume stream
+(``zfs send -t``) completes it, or ``abort_resume`` throws it away.  A stream
+that is refused or fails its checks discards the staging as before: its
+records were journaled before the digest could vouch for them.  While a
+receiver works on the staging it holds an ``flock`` on its ``.receiver``
+file, which the kernel releases however the process ends, so nobody else
+touches a staging in use and nothing has to guess whether its owner lives.
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import json
 import os
+import re
 import shutil
+import struct
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import IO, Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from ...errors import DriverError
+from ...errors import DriverError, ValidationError
 from . import state, stream
-from .snapshots import DATA, META, SNAPSHOTS, VOLBLOCKSIZE, Volume, snapshot_name
-from .sparse import pread_all
+from .snapshots import (DATA, META, SNAPSHOTS, VOLBLOCKSIZE, NoSuchVolume, Volume,
+                        snapshot_name)
+from .sparse import pread_all, punch_hole
 
 READ_BATCH = 32                       # blocks read per hold of the lock: 4 MiB
 APPLY_RUN = 64                        # blocks applied per write: 8 MiB
 STAGING = ".receiving"
+RESUME_STAGING = ".resume"
+RESUME_STATE = "resume.json"
+JOURNAL = "journal"
+RECEIVER = ".receiver"
+TOKEN_VERSION = "1"
+_ENTRY = struct.Struct("<BQQ")         # a journal entry: kind, first block, count
+_J_DATA, _J_FREE = 1, 2
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,4096}\Z")
 
 
 @dataclass
@@ -101,6 +145,247 @@ def make_plan(volume: Volume, snap: str, base: Optional[str] = None) -> Plan:
         return Plan(header, sorted(now), _runs(sorted(before)))
 
 
+def _int(value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{value!r} is not an integer in [{low}, {high}]")
+    return value
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a cut resumable receive stands: which stream it was, and its resume block.
+
+    Its token is what ``zfs get receive_resume_token`` shows: ``1-`` (the
+    format), eight hex digits of the SHA-256 of the rest (a mangled token is
+    refused rather than misread), ``-``, then the fields as compact JSON in
+    unpadded URL-safe base64, which uses only letters, digits, ``_`` and ``-``.
+    """
+    name: str
+    to_guid: int
+    base: Optional[str]
+    from_guid: int
+    volsize: int
+    volblocksize: int
+    block: int = 0                       # first block not yet received
+
+    @classmethod
+    def of(cls, h: stream.Header, block: int = 0) -> "ResumePoint":
+        return cls(h.name, h.to_guid, h.base, h.from_guid, h.volsize, h.volblocksize, block)
+
+    @property
+    def nblocks(self) -> int:
+        return self.volsize // self.volblocksize
+
+    def fields(self) -> Dict[str, Any]:
+        return {"name": self.name, "guid": self.to_guid, "base": self.base,
+                "fromguid": self.from_guid, "volsize": self.volsize,
+                "volblocksize": self.volblocksize, "block": self.block}
+
+    @classmethod
+    def parse(cls, data: Any, block: Optional[int] = None) -> "ResumePoint":
+        """Fields checked as a stream header's are; ValueError if any is not right.
+
+        ``block`` given: it comes from elsewhere (the journal), not from ``data``.
+        """
+        keys = {"name", "guid", "base", "fromguid", "volsize", "volblocksize", "block"}
+        if block is not None:
+            keys.discard("block")
+        if not isinstance(data, dict) or set(data) != keys:
+            raise ValueError("unexpected fields")
+        try:
+            name = snapshot_name(data["name"])
+            base = None if data["base"] is None else snapshot_name(data["base"])
+        except ValidationError as exc:
+            raise ValueError(str(exc)) from None
+        size = _int(data["volblocksize"], 512, 1 << 20)
+        if size & (size - 1):
+            raise ValueError("volblocksize is not a power of two")
+        volsize = _int(data["volsize"], size, stream.MAX_VOLSIZE)
+        if volsize % size:
+            raise ValueError("volsize is not a whole number of blocks")
+        to_guid = _int(data["guid"], 1, (1 << 64) - 1)
+        from_guid = _int(data["fromguid"], 0, (1 << 64) - 1)
+        if (base is None) != (from_guid == 0):
+            raise ValueError("base and fromguid disagree")
+        at = _int(data["block"] if block is None else block, 0, volsize // size)
+        return cls(name, to_guid, base, from_guid, volsize, size, at)
+
+    def token(self) -> str:
+        raw = json.dumps(self.fields(), separators=(",", ":"), sort_keys=True).encode()
+        payload = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+        return f"{TOKEN_VERSION}-{_token_check(payload)}-{payload}"
+
+    @classmethod
+    def from_token(cls, token: Any) -> "ResumePoint":
+        corrupt = DriverError("cannot resume send: resume token is corrupt")
+        if not isinstance(token, str) or not _TOKEN.match(token):
+            raise corrupt
+        parts = token.split("-", 2)
+        if len(parts) != 3 or parts[0] != TOKEN_VERSION or parts[1] != _token_check(parts[2]):
+            raise corrupt
+        try:
+            raw = base64.urlsafe_b64decode(parts[2] + "=" * (-len(parts[2]) % 4))
+            return cls.parse(json.loads(raw.decode()))
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            raise corrupt from None
+
+
+def _token_check(payload: str) -> str:
+    return hashlib.sha256(payload.encode()).hexdigest()[:8]
+
+
+def _journal_end(path: Path) -> int:
+    """The resume block from the journal's last whole entry (a torn tail does not count)."""
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        whole = size - size % _ENTRY.size
+        if whole == 0:
+            return 0
+        fh.seek(whole - _ENTRY.size)
+        kind, first, count = _ENTRY.unpack(fh.read(_ENTRY.size))
+    if kind not in (_J_DATA, _J_FREE) or count < 1:
+        raise ValueError("damaged journal")
+    return first + count
+
+
+def _read_journal(path: Path, point: ResumePoint) -> Tuple[List[int], List[Tuple[int, int]], int]:
+    """The staged DATA blocks and FREE runs, and the length of the journal's whole entries.
+
+    They must be in the order a stream brings them, as a journal written only
+    by receivers is; anything else means the staging was damaged.
+    """
+    raw = path.read_bytes()
+    whole = len(raw) - len(raw) % _ENTRY.size
+    written: List[int] = []
+    frees: List[Tuple[int, int]] = []
+    end = 0
+    for kind, first, count in _ENTRY.iter_unpack(raw[:whole]):
+        if (first < end or count < 1 or first + count > point.nblocks
+                or kind not in (_J_DATA, _J_FREE) or (kind == _J_DATA and count != 1)
+                or (kind == _J_FREE and point.base is None)):
+            raise ValueError("damaged journal")
+        if kind == _J_DATA:
+            written.append(first)
+        else:
+            frees.append((first, count))
+        end = first + count
+    return written, frees, whole
+
+
+class Staging:
+    """The resumable staging of one destination: ``<pool>/.resume-<vol>/``.
+
+    Callers hold the host's ``zfs`` lock, except to remove it (a rename first,
+    so it is gone for everyone at once).
+    """
+
+    def __init__(self, root: Union[str, Path], host: str, pool: str, zvol: str):
+        self.root = Path(root)
+        self.host = host
+        self.pool = state.zpool_name(pool)
+        self.zvol = state.zvol_name(zvol)
+        self.pool_dir = state.pool_dir(root, host, pool)
+        self.folder = self.pool_dir / f"{RESUME_STAGING}-{self.zvol}"
+
+    def exists(self) -> bool:
+        return self.folder.is_dir()
+
+    def point(self) -> Optional[ResumePoint]:
+        """What it holds, or None if there is no staging or one that cannot be resumed."""
+        try:
+            data = state.read_json(self.folder / RESUME_STATE)
+            if data is None or not (self.folder / DATA).is_file():
+                return None
+            return ResumePoint.parse(data, _journal_end(self.folder / JOURNAL))
+        except (OSError, ValueError):                        # ValueError covers bad JSON too
+            return None
+
+    def busy(self) -> bool:
+        """Whether a receiver is working on it (holds its flock)."""
+        try:
+            fh = open(self.folder / RECEIVER, "ab")
+        except FileNotFoundError:
+            return False
+        with fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            return False
+
+    def remove(self) -> None:
+        """Gone at once by a rename to a name the sweep of dead receivers' staging knows."""
+        trash = self.pool_dir / f"{STAGING}-{os.getpid()}-{uuid.uuid4().hex}-{self.zvol}"
+        try:
+            os.rename(self.folder, trash)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _delivered(vol: Volume, point: ResumePoint) -> bool:
+    """Whether the destination has the snapshot already (a receiver died after committing)."""
+    return vol.exists() and any(s.name == point.name and s.guid == point.to_guid
+                                for s in vol.snapshots())
+
+
+def partial_state(root: Union[str, Path], host: str, pool: str,
+                  zvol: str) -> Optional[ResumePoint]:
+    """The partial state of a resumable receive into ``pool/zvol``; the caller holds the lock.
+
+    A staging nobody works on that cannot be resumed (its receiver died while
+    creating or committing it) or whose snapshot has arrived is removed here:
+    it stands for no partial state, and must not block the next stream.
+    """
+    staging = Staging(root, host, pool, zvol)
+    if not staging.exists():
+        return None
+    point = staging.point()
+    if staging.busy():
+        return point
+    if point is None or _delivered(Volume.of(root, host, pool, zvol), point):
+        staging.remove()
+        return None
+    return point
+
+
+def resume_plan(volume: Volume, token: str) -> Plan:
+    """``zfs send -t``: the original send's plan again, from the token's resume block on.
+
+    The snapshots are found by name and must still be the very ones (guids)
+    the receiver has the first part of; otherwise the rest would not fit.
+    """
+    point = ResumePoint.from_token(token)
+
+    def gone(name: str) -> DriverError:
+        return DriverError(f"cannot resume send: '{volume.label}@{name}' used in the initial "
+                           "send no longer exists")
+
+    try:
+        with volume.lock():
+            snaps = {s.name: s for s in volume.snapshots()} if volume.exists() else {}
+            for name, guid in ((point.name, point.to_guid), (point.base, point.from_guid)):
+                if name is None:
+                    continue
+                if name not in snaps:
+                    raise gone(name)
+                if snaps[name].guid != guid:
+                    raise DriverError(f"cannot resume send: '{volume.label}@{name}' is no longer "
+                                      "the same snapshot used in the initial send")
+            if volume.geometry() != (point.volsize, point.volblocksize):
+                raise DriverError(f"cannot resume send: '{volume.label}' has changed size since "
+                                  "the initial send")
+            plan = make_plan(volume, point.name, point.base)
+    except NoSuchVolume:
+        raise gone(point.name) from None
+    at = point.block
+    frees = [(max(first, at), first + count - max(first, at))
+             for first, count in plan.frees if first + count > at]
+    return Plan(dataclasses.replace(plan.header, resume=at),
+                [b for b in plan.data if b >= at], frees)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -112,7 +397,12 @@ def _alive(pid: int) -> bool:
 
 
 def sweep_stale_staging(pool_dir: Path) -> None:
-    """Remove the staging of receivers that died: nobody will ever finish or abort it."""
+    """Remove the staging of receivers that died: nobody will ever finish or abort it.
+
+    Only pid-named folders qualify.  A resumable staging (``.resume-<vol>``)
+    outlives its receiver on purpose and goes only by a commit, a refused
+    stream, ``abort_resume`` or a destroy of its zvol.
+    """
     try:
         entries = list(os.scandir(pool_dir))
     except FileNotFoundError:
@@ -202,16 +492,26 @@ class ReceiveSink:
     ``write`` raises DriverError as soon as the stream is known to be bad or
     unusable here (as writing into a ``zfs receive`` that exited does), and
     ``close`` raises it again; either way the destination is unchanged.
+
+    ``resumable`` (``-s``): a stream cut short keeps what arrived as the
+    destination's partial state (see the module's docstring).  A resume
+    stream continues that state and is accepted with or without ``-s``;
+    without it, a cut discards the partial state, as zfs does.
     """
 
-    def __init__(self, root: Union[str, Path], host: str, pool: str, zvol: str):
+    def __init__(self, root: Union[str, Path], host: str, pool: str, zvol: str,
+                 resumable: bool = False):
         self.root = Path(root)
         self.host = host
         self.pool = state.zpool_name(pool)
         self.zvol = state.zvol_name(zvol)
         self.label = f"{self.pool}/{self.zvol}"
+        self.resumable = resumable
+        self._staging = Staging(self.root, host, self.pool, self.zvol)
         self._decoder = stream.Decoder()
         self._stage: Optional[Volume] = None
+        self._journal: Optional[IO[bytes]] = None     # set while the stage is the resumable one
+        self._receiver: Optional[IO[bytes]] = None    # its flock marks the staging as in use
         self._written: List[int] = []
         self._frees: List[Tuple[int, int]] = []
         self._failure: Optional[DriverError] = None
@@ -225,6 +525,8 @@ class ReceiveSink:
         h = self.header
         if h is None:
             return "cannot receive"
+        if h.resume is not None:
+            return "cannot receive resume stream"
         return "cannot receive " + ("incremental stream" if h.incremental
                                     else "new filesystem stream")
 
@@ -245,29 +547,50 @@ class ReceiveSink:
         except DriverError as exc:
             self._fail(exc)
         except OSError as exc:
-            self._fail(DriverError(f"{self._prefix()}: {exc}"))
+            # the machine failed, not the stream: what was journaled is still good
+            self._fail(DriverError(f"{self._prefix()}: {exc}"), keep=self.resumable)
 
-    def _fail(self, exc: DriverError) -> None:
+    def _fail(self, exc: DriverError, keep: bool = False) -> None:
         self._failure = exc
-        self._discard()
+        if keep:
+            self._release()
+        else:
+            self._discard()
         raise exc from None
 
     def _handle(self, event: tuple) -> None:
         kind = event[0]
         if kind == "header":
-            self._check(event[1])
-            self._stage = self._make_stage(event[1])
+            h = event[1]
+            with self._destination().lock():
+                if h.resume is not None:
+                    self._attach(h)
+                else:
+                    self._check(h)
+                    self._stage = self._make_stage(h)
         elif kind == "data":
             assert self._stage is not None and self.header is not None
             block = event[1]
             self._stage.write(block * self.header.volblocksize, event[2])
             self._written.append(block)
+            self._log(_J_DATA, block, 1)                 # after the data: a kill resends it
         elif kind == "free":
             self._frees.append((event[1], event[2]))
+            self._log(_J_FREE, event[1], event[2])
+
+    def _log(self, kind: int, first: int, count: int) -> None:
+        if self._journal is not None:
+            entry = _ENTRY.pack(kind, first, count)
+            if self._journal.write(entry) != len(entry):
+                raise OSError(errno.EIO, "short write to the receive journal")
 
     def _check(self, h: stream.Header) -> None:
         """Refuse what ``zfs receive -F`` refuses; run on the header and again at commit."""
         vol = self._destination()
+        if (self._journal is None and h.resume is None
+                and partial_state(self.root, self.host, self.pool, self.zvol) is not None):
+            raise DriverError(f"{self._prefix()}: destination '{self.label}' contains "
+                              'partially-complete state from "zfs receive -s".')
         exists = vol.exists()
         if not h.incremental:
             if exists:
@@ -300,16 +623,74 @@ class ReceiveSink:
         pool_dir = state.pool_dir(self.root, self.host, self.pool)
         sweep_stale_staging(pool_dir)
         folder = pool_dir / f"{STAGING}-{os.getpid()}-{uuid.uuid4().hex}-{self.zvol}"
+        receiver = None
         try:
             (folder / SNAPSHOTS).mkdir(parents=True)
             with open(folder / DATA, "xb") as fh:
                 fh.truncate(h.volsize)
             state.write_json(folder / META, {"volsize": h.volsize, "volblocksize": h.volblocksize,
                                              "sparse": True, "creation": int(time.time())})
+            if not self.resumable:
+                return Volume(self.root, self.host, folder, self.label)
+            fields = ResumePoint.of(h).fields()
+            del fields["block"]                          # the journal says where it stands
+            state.write_json(folder / RESUME_STATE, fields)
+            open(folder / JOURNAL, "xb").close()
+            receiver = open(folder / RECEIVER, "xb")
+            fcntl.flock(receiver, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                os.rename(folder, self._staging.folder)  # complete, locked: now it is the state
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                raise DriverError(f"{self._prefix()}: destination '{self.label}' contains "
+                                  'partially-complete state from "zfs receive -s".') from None
+            self._journal = open(self._staging.folder / JOURNAL, "ab", buffering=0)
+            self._receiver = receiver
+            return Volume(self.root, self.host, self._staging.folder, self.label)
         except BaseException:
+            if receiver is not None and self._receiver is None:
+                receiver.close()
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        return Volume(self.root, self.host, folder, self.label)
+
+    def _attach(self, h: stream.Header) -> None:
+        """Take up the partial state a resume stream continues, if it is that stream's."""
+        assert h.resume is not None
+        point = partial_state(self.root, self.host, self.pool, self.zvol)
+        refused = DriverError(f"cannot receive resume stream: destination '{self.label}' has no "
+                              "matching partially received state")
+        if point is None:
+            raise refused
+        folder = self._staging.folder
+        receiver = open(folder / RECEIVER, "ab")
+        try:
+            try:
+                fcntl.flock(receiver, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise DriverError(f"cannot receive resume stream: destination '{self.label}' "
+                                  "is busy: another receive is writing it") from None
+            if point != ResumePoint.of(h, h.resume):
+                raise refused
+            self._check(h)
+            try:
+                written, frees, whole = _read_journal(folder / JOURNAL, point)
+            except ValueError:
+                raise refused from None
+            os.truncate(folder / JOURNAL, whole)         # a torn last entry goes
+            start = h.resume * h.volblocksize
+            fd = os.open(folder / DATA, os.O_RDWR)
+            try:                                         # blocks staged but never journaled
+                punch_hole(fd, start, h.volsize - start)
+            finally:
+                os.close(fd)
+            self._journal = open(folder / JOURNAL, "ab", buffering=0)
+        except BaseException:
+            receiver.close()
+            raise
+        self._receiver = receiver
+        self._written, self._frees = written, frees
+        self._stage = Volume(self.root, self.host, folder, self.label)
 
     # ------------------------------------------------------------- commit
     def close(self) -> None:
@@ -318,12 +699,17 @@ class ReceiveSink:
                 raise self._failure
             return
         self._closed = True
+        keep = False
         try:
             if self._failure is not None:
                 raise self._failure
             try:
                 self._decoder.finish()
             except stream.StreamError as exc:
+                if self.resumable and self._journal is not None:
+                    keep = True
+                    raise DriverError(f"{self._prefix()}: {exc}. Partially received snapshot "
+                                      "is saved.") from None
                 raise DriverError(f"{self._prefix()}: {exc}") from None
             try:
                 self._commit()
@@ -333,19 +719,40 @@ class ReceiveSink:
             self._failure = exc
             raise
         finally:
-            self._discard()
+            if keep:
+                self._release()
+            else:
+                self._discard()
 
     def abort(self) -> None:
+        """Stop here: a resumable receive keeps what arrived, any other discards it."""
         self._closed = True
         try:
-            self._discard()
+            if self.resumable:
+                self._release()
+            else:
+                self._discard()
         except Exception:                                   # never raises, as promised
             pass
 
+    def _release(self) -> None:
+        """Leave the staging as it is, for a resume stream to continue."""
+        self._stage = None
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+        if self._receiver is not None:
+            self._receiver.close()                          # the flock goes with it
+            self._receiver = None
+
     def _discard(self) -> None:
-        if self._stage is not None:
-            shutil.rmtree(self._stage.folder, ignore_errors=True)
-            self._stage = None
+        stage, self._stage = self._stage, None
+        if stage is not None:
+            if self._journal is not None:
+                self._staging.remove()
+            else:
+                shutil.rmtree(stage.folder, ignore_errors=True)
+        self._release()
 
     def _commit(self) -> None:
         h, stage, vol = self.header, self._stage, self._destination()
@@ -358,10 +765,18 @@ class ReceiveSink:
                     meta.update(volsize=h.volsize, volblocksize=h.volblocksize)
                     os.replace(stage.data, vol.data)
                     state.write_json(vol.folder / META, meta)
-                else:
-                    os.rename(stage.folder, vol.folder)
-                    self._stage = None
-                vol.create_snapshot(h.name, h.to_guid)
+                    vol.create_snapshot(h.name, h.to_guid)
+                    return
+                # the snapshot first, then one rename: the zvol appears complete or not at all
+                if not any(s.name == h.name for s in stage.snapshots()):
+                    stage.create_snapshot(h.name, h.to_guid)
+                os.rename(stage.folder, vol.folder)
+                self._stage = None
+                for leftover in (RESUME_STATE, JOURNAL, RECEIVER):
+                    try:
+                        os.unlink(vol.folder / leftover)
+                    except FileNotFoundError:
+                        pass
                 return
             vol.rollback()
             self._apply(stage, vol, h.volblocksize)

@@ -7,6 +7,7 @@ Layout inside a zvol's folder (``sim_root/<host>/zfs/<pool>/<vol>/``)::
     snapshots/<snap>/blocks    sparse, volsize bytes: blocks this snapshot had to keep
     snapshots/<snap>/changed   bitmap, one bit per block (block b: byte b // 8,
                                value 1 << b % 8): blocks written while it was the newest
+    snapshots/<snap>/holds.json  the tags of its holds (``zfs hold``), sorted; absent: none
 
 Taking a snapshot copies nothing, so it costs the same for a 64 GiB volume as
 for an empty one.  The live volume pays instead, on the first write to each
@@ -52,6 +53,8 @@ META = "meta.json"
 SNAPSHOTS = "snapshots"
 BLOCKS = "blocks"
 CHANGED = "changed"
+HOLDS = "holds.json"
+MAX_TAG = 255                     # zfs refuses tags that do not fit a dataset name
 
 
 class NoSuchVolume(DriverError):
@@ -65,6 +68,14 @@ def snapshot_name(value: Any) -> str:
     except ValidationError:
         raise ValidationError(f"invalid snapshot name {value!r}: "
                               "use letters, digits and _ . : -") from None
+
+
+def hold_tag(value: Any) -> str:
+    """A hold's tag: free text for zfs, but one word, as it goes on a command line there."""
+    if (not isinstance(value, str) or not value or len(value) > MAX_TAG or value.startswith("-")
+            or any(c.isspace() or not c.isprintable() for c in value)):
+        raise ValidationError(f"invalid zfs hold tag {value!r}")
+    return value
 
 
 # --------------------------------------------------------------- volumes
@@ -83,6 +94,10 @@ class Snapshot:
     @property
     def changed(self) -> Bitmap:
         return Bitmap(self.folder / CHANGED)
+
+    @property
+    def holds(self) -> List[str]:
+        return list(state.read_json(self.folder / HOLDS, []))
 
 
 def new_guid() -> int:
@@ -201,11 +216,62 @@ class Volume:
             if index is None:
                 raise none
             gone = snaps[index]
+            if gone.holds:
+                raise self.held(gone)
             if index > 0:
                 self._fold(snaps[index - 1], gone)
             trash = gone.folder.with_name(f".destroying-{name}-{uuid.uuid4().hex}")
             os.rename(gone.folder, trash)
             shutil.rmtree(trash, ignore_errors=True)
+
+    def held(self, snap: Snapshot) -> DriverError:
+        """What zfs says when a destroy meets a hold."""
+        return DriverError(f"cannot destroy snapshot {self.label}@{snap.name}: dataset is busy")
+
+    # -------------------------------------------------------------- holds
+    def _held_snapshot(self, name: str, verb: str) -> Snapshot:
+        snapshot_name(name)
+        missing = DriverError(f"{verb} '{self.label}@{name}': dataset does not exist")
+        if not self.exists():
+            raise missing
+        snaps = self.snapshots()
+        index = self._index(snaps, name)
+        if index is None:
+            raise missing
+        return snaps[index]
+
+    def hold(self, name: str, tag: str) -> None:
+        """``zfs hold``; a tag already on the snapshot is fine (callers re-assert holds)."""
+        hold_tag(tag)
+        if not state.host_exists(self.root, self.host):
+            raise DriverError(f"cannot hold snapshot '{self.label}@{name}': "
+                              "dataset does not exist")
+        with self.lock():
+            snap = self._held_snapshot(name, "cannot hold snapshot")
+            tags = snap.holds
+            if tag not in tags:
+                state.write_json(snap.folder / HOLDS, sorted(tags + [tag]))
+
+    def release(self, name: str, tag: str) -> None:
+        """``zfs release``; a tag that is not there is fine (the goal is that it is not)."""
+        hold_tag(tag)
+        if not state.host_exists(self.root, self.host):
+            raise DriverError(f"cannot release hold from snapshot '{self.label}@{name}': "
+                              "dataset does not exist")
+        with self.lock():
+            snap = self._held_snapshot(name, "cannot release hold from snapshot")
+            tags = snap.holds
+            if tag not in tags:
+                return
+            tags.remove(tag)
+            if tags:
+                state.write_json(snap.folder / HOLDS, tags)
+            else:
+                os.unlink(snap.folder / HOLDS)
+
+    def holds(self, name: str) -> List[str]:
+        """The tags on a snapshot, sorted (``zfs holds``)."""
+        return sorted(self._held_snapshot(name, "cannot open").holds)
 
     def _fold(self, older: Snapshot, newer: Snapshot) -> None:
         _, block = self.geometry()

@@ -7,7 +7,7 @@ All integers are little-endian::
 
     header  magic       8 bytes  b"IMGSZS\\r\\n"  (the line ending catches text-mode mangling)
             version     u16      1
-            flags       u16      bit 0: incremental
+            flags       u16      bit 0: incremental; bit 1: resume
             volblocksize u32
             volsize     u64
             to_guid     u64      guid of the snapshot sent
@@ -15,6 +15,8 @@ All integers are little-endian::
             stream_id   16 bytes random, one per send (names it in logs)
             name_len    u16      then the snapshot's name, UTF-8
             base_len    u16      then the base snapshot's name, UTF-8; 0 in a full stream
+            resume      u64      only with the resume flag, after the names: the first
+                                 block this stream may name (see below)
 
     records, in strictly increasing block order, each led by a one-byte type:
       0x01 DATA  block u64, then exactly volblocksize bytes: the block in the snapshot
@@ -34,6 +36,14 @@ net change travels and only the named snapshot appears on the receiver.
 Because blocks come in order and every field is range-checked as it arrives,
 a corrupt stream is usually refused early; the digest catches the rest, so a
 receiver must not make anything visible before it has seen a valid END.
+
+A resume stream (``zfs send -t``) is the tail of a stream whose receive was
+cut short.  Its header is the original's with the resume flag and the resume
+block added, and it carries only the records of the original at or after that
+block (a FREE run that began earlier starts at the resume block instead);
+records before it are refused.  Its END counts and digests its own bytes
+only, so each stream is checked on its own; the receiver already holds
+everything before the resume block from the earlier streams.
 """
 from __future__ import annotations
 
@@ -49,6 +59,7 @@ from .snapshots import snapshot_name
 MAGIC = b"IMGSZS\r\n"
 VERSION = 1
 FLAG_INCREMENTAL = 0x1
+FLAG_RESUME = 0x2
 MAX_VOLSIZE = 1 << 50                 # 1 PiB, the largest size imgstorage accepts
 MAX_NAME = 255
 
@@ -56,6 +67,7 @@ _FIXED = struct.Struct("<8sHHIQQQ16sHH")
 _DATA = struct.Struct("<BQ")
 _FREE = struct.Struct("<BQQ")
 _END = struct.Struct("<BQ")
+_RESUME = struct.Struct("<Q")
 _DIGEST = hashlib.sha256().digest_size
 DATA, FREE, END = 0x01, 0x02, 0x03
 
@@ -76,10 +88,16 @@ class Header:
     base: Optional[str] = None
     from_guid: int = 0
     stream_id: bytes = field(default_factory=lambda: uuid.uuid4().bytes)
+    resume: Optional[int] = None          # a resume stream: the first block it may name
 
     @property
     def incremental(self) -> bool:
         return self.base is not None
+
+    @property
+    def flags(self) -> int:
+        return ((FLAG_INCREMENTAL if self.incremental else 0)
+                | (FLAG_RESUME if self.resume is not None else 0))
 
     @property
     def nblocks(self) -> int:
@@ -87,13 +105,15 @@ class Header:
 
     def pack(self) -> bytes:
         name, base = self.name.encode(), (self.base or "").encode()
-        return _FIXED.pack(MAGIC, VERSION, FLAG_INCREMENTAL if self.incremental else 0,
+        tail = _RESUME.pack(self.resume) if self.resume is not None else b""
+        return _FIXED.pack(MAGIC, VERSION, self.flags,
                            self.volblocksize, self.volsize, self.to_guid, self.from_guid,
-                           self.stream_id, len(name), len(base)) + name + base
+                           self.stream_id, len(name), len(base)) + name + base + tail
 
     @property
     def size(self) -> int:
-        return _FIXED.size + len(self.name.encode()) + len((self.base or "").encode())
+        return (_FIXED.size + len(self.name.encode()) + len((self.base or "").encode())
+                + (_RESUME.size if self.resume is not None else 0))
 
 
 def stream_size(header: Header, data_records: int, free_records: int) -> int:
@@ -109,7 +129,7 @@ class Encoder:
         self.header = header
         self.records = 0
         self._digest = hashlib.sha256()
-        self._last = -1
+        self._last = (header.resume or 0) - 1        # a resume stream starts at its block
 
     def _emit(self, data: bytes) -> bytes:
         self._digest.update(data)
@@ -143,14 +163,17 @@ class Encoder:
 
 
 def _check_header(raw: bytes) -> Tuple[Header, int, int]:
-    """The header's fixed part parsed and checked, and the lengths of the two names after it."""
+    """The header's fixed part parsed and checked, and the lengths of the two names after it.
+
+    A resume stream's header comes back with ``resume`` 0: its block follows the names.
+    """
     (magic, version, flags, block, volsize, to_guid, from_guid, stream_id,
      name_len, base_len) = _FIXED.unpack(raw)
     if magic != MAGIC:
         raise StreamError("invalid stream (bad magic number)")
     if version != VERSION:
         raise StreamError(f"invalid stream (unsupported version {version})")
-    if flags & ~FLAG_INCREMENTAL:
+    if flags & ~(FLAG_INCREMENTAL | FLAG_RESUME):
         raise StreamError(f"invalid stream (unknown flags 0x{flags:x})")
     if block < 512 or block > 1 << 20 or block & (block - 1):
         raise StreamError(f"invalid stream (bad volblocksize {block})")
@@ -161,7 +184,7 @@ def _check_header(raw: bytes) -> Tuple[Header, int, int]:
             or incremental != (from_guid != 0) or incremental != (base_len > 0)):
         raise StreamError("invalid stream (bad header)")
     header = Header(volsize, block, "", to_guid, "" if incremental else None, from_guid,
-                    stream_id)
+                    stream_id, 0 if flags & FLAG_RESUME else None)
     return header, name_len, base_len
 
 
@@ -282,13 +305,21 @@ class Decoder:
             return None, 0
         fixed = bytes(self._buf[pos:pos + _FIXED.size])
         partial, name_len, base_len = _check_header(fixed)
-        raw = self._take(pos + _FIXED.size, name_len + base_len)
+        extra = _RESUME.size if partial.resume is not None else 0
+        raw = self._take(pos + _FIXED.size, name_len + base_len + extra)
         if raw is None:
             return None, 0
         name = _name(raw[:name_len])
-        base = _name(raw[name_len:]) if partial.incremental else None
+        base = _name(raw[name_len:name_len + base_len]) if partial.incremental else None
+        resume = None
+        if extra:
+            (resume,) = _RESUME.unpack_from(raw, name_len + base_len)
+            if resume > partial.nblocks:
+                raise StreamError(f"invalid stream (resume block {resume} beyond the end "
+                                  "of the volume)")
+            self._next = resume                   # records before it were in earlier streams
         self._digest.update(fixed)
         self._digest.update(raw)
         self.header = Header(partial.volsize, partial.volblocksize, name, partial.to_guid,
-                             base, partial.from_guid, partial.stream_id)
+                             base, partial.from_guid, partial.stream_id, resume)
         return ("header", self.header), _FIXED.size + len(raw)

@@ -5,13 +5,14 @@ Layout under ``sim_root/<host>/zfs/``::
     <pool>/.pool.json            the pool (size, creation); made by imgstorage-sim only
     <pool>/<vol>/data            the zvol's bytes: a sparse file of volsize bytes
     <pool>/<vol>/meta.json       volsize, volblocksize, sparse, creation
-    <pool>/<vol>/snapshots/      one folder per snapshot (see snapshots.py)
+    <pool>/<vol>/snapshots/      one folder per snapshot, with its holds (see snapshots.py)
     <pool>/.receiving-<pid>-<id>-<vol>  a receive in progress (see sendrecv.py)
+    <pool>/.resume-<vol>/        a resumable receive into <vol>, cut short or in progress
 
 Sparse files keep a 64 GiB volume free until written, as a thin zvol is.
 Snapshots are copy-on-write per 128 KiB block and streams are the
-simulation's own format (stream.py), with the semantics of ``zfs send`` and
-``zfs receive -F``.
+simulation's own format (stream.py), with the semantics of ``zfs send``,
+``zfs receive -F`` and their resumable forms (``receive -s``, ``send -t``).
 
 Errors carry the text the ``zfs`` command prints, because operators and the
 daemons' logs should read the same in the simulation as on a real NAS.
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Union
 
 from ...errors import DriverError
-from ..base import ByteSink, ByteSource, ZvolInfo
+from ..base import HOLD_TAG, ByteSink, ByteSource, ZvolInfo
 from . import blockdev, sendrecv, state
 from .snapshots import META, SNAPSHOTS, VOLBLOCKSIZE, Volume, snapshot_name
 
@@ -151,21 +152,42 @@ class SimZfs:
                 raise
 
     def destroy(self, pool: str, zvol: str, recursive: bool = True) -> None:
+        """``zfs destroy [-r]``; a partial receive into the zvol goes with it.
+
+        Held snapshots and devices in use refuse it, and then nothing is
+        destroyed.  A zvol that only exists as a partial receive of a full
+        stream is invisible, but destroying it by name removes that state, as
+        destroying the half-received dataset does in ZFS.
+        """
         name = f"{state.zpool_name(pool)}/{state.zvol_name(zvol)}"
         folder = state.zvol_dir(self.root, self.host, pool, zvol)
-        if not (folder / META).is_file():
-            raise DriverError(f"cannot open '{name}': dataset does not exist")
+        staging = sendrecv.Staging(self.root, self.host, pool, zvol)
+        missing = DriverError(f"cannot open '{name}': dataset does not exist")
+        if not (folder / META).is_file() and not staging.exists():
+            raise missing
         with state.subsystem_lock(self.root, self.host, "zfs"):
+            partial = sendrecv.partial_state(self.root, self.host, pool, zvol)
+            if partial is not None and staging.busy():
+                raise DriverError(f"cannot destroy '{name}': dataset is busy")
             if not (folder / META).is_file():
-                raise DriverError(f"cannot open '{name}': dataset does not exist")
-            snaps = [s.name for s in Volume(self.root, self.host, folder, name).snapshots()]
-            if not recursive and snaps:
+                if partial is None:
+                    raise missing
+                staging.remove()
+                return
+            vol = Volume(self.root, self.host, folder, name)
+            snaps = vol.snapshots()
+            if not recursive and (snaps or partial is not None):
                 raise DriverError(f"cannot destroy '{name}': volume has children")
-            paths = [self.device_path(pool, zvol)] + [self._snap_path(pool, zvol, s) for s in snaps]
+            for snap in snaps:
+                if snap.holds:
+                    raise vol.held(snap)
+            paths = [self.device_path(pool, zvol)] + [self._snap_path(pool, zvol, s.name)
+                                                      for s in snaps]
             if any(blockdev.device_users(self.root, self.host, p) for p in paths):
                 raise DriverError(f"cannot destroy '{name}': dataset is busy")
             trash = folder.with_name(f".destroying-{zvol}-{uuid.uuid4().hex}")
             os.rename(folder, trash)                     # gone for everyone at once
+            staging.remove()
             shutil.rmtree(trash, ignore_errors=True)
 
     def device_path(self, pool: str, zvol: str) -> str:
@@ -197,6 +219,17 @@ class SimZfs:
                 raise DriverError(f"cannot destroy snapshot {vol.label}@{snap}: dataset is busy")
             vol.destroy_snapshot(snap)
 
+    # -------------------------------------------------------------- holds
+    def hold(self, pool: str, zvol: str, snap: str, tag: str = HOLD_TAG) -> None:
+        """``zfs hold``: until released, the snapshot (and so its zvol) cannot be destroyed."""
+        self._volume(pool, zvol).hold(snapshot_name(snap), tag)
+
+    def release(self, pool: str, zvol: str, snap: str, tag: str = HOLD_TAG) -> None:
+        self._volume(pool, zvol).release(snapshot_name(snap), tag)
+
+    def holds(self, pool: str, zvol: str, snap: str) -> List[str]:
+        return self._volume(pool, zvol).holds(snapshot_name(snap))
+
     def rollback(self, pool: str, zvol: str, snap: str) -> None:
         """``zfs rollback`` to the most recent snapshot (not part of the driver protocol).
 
@@ -214,9 +247,54 @@ class SimZfs:
         vol = self._volume(pool, zvol)
         return sendrecv.SendSource(vol, sendrecv.make_plan(vol, snap, base))
 
-    def receive(self, pool: str, zvol: str) -> ByteSink:
-        """``zfs receive -F pool/zvol``: nothing changes unless the whole stream checks out."""
+    def receive(self, pool: str, zvol: str, resumable: bool = False) -> ByteSink:
+        """``zfs receive -F pool/zvol``: nothing changes unless the whole stream checks out.
+
+        ``resumable`` (``-s``): a stream cut short keeps what arrived, and
+        ``resume_token`` then says where a ``send_resume`` has to continue.
+        """
         state.zvol_name(zvol)
         if not self.pool_exists(pool):
             raise DriverError(f"cannot open '{pool}': dataset does not exist")
-        return sendrecv.ReceiveSink(self.root, self.host, pool, zvol)
+        return sendrecv.ReceiveSink(self.root, self.host, pool, zvol, resumable)
+
+    # ------------------------------------------------- resumable streams
+    def resume_token(self, pool: str, zvol: str) -> Optional[str]:
+        """The ``receive_resume_token`` of ``pool/zvol``: None if no receive into it is partial."""
+        state.zvol_name(zvol)
+        if not self.pool_exists(pool):
+            return None
+        with state.subsystem_lock(self.root, self.host, "zfs"):
+            point = sendrecv.partial_state(self.root, self.host, pool, zvol)
+        return point.token() if point is not None else None
+
+    def abort_resume(self, pool: str, zvol: str) -> None:
+        """``zfs receive -A``: throw away the partial state; none is fine.
+
+        A receive still writing it makes this fail, as the dataset is busy in ZFS.
+        """
+        state.zvol_name(zvol)
+        if not self.pool_exists(pool):
+            return
+        staging = sendrecv.Staging(self.root, self.host, pool, zvol)
+        with state.subsystem_lock(self.root, self.host, "zfs"):
+            if not staging.exists():
+                return
+            if staging.busy():
+                target = (f"{pool}/{zvol}/%recv" if self.get_zvol(pool, zvol) is not None
+                          else f"{pool}/{zvol}")
+                raise DriverError(f"cannot destroy '{target}': dataset is busy")
+            staging.remove()
+
+    def send_resume(self, pool: str, zvol: str, token: str) -> ByteSource:
+        """``zfs send -t``: what a cut receive still lacks, from this host's ``pool/zvol``.
+
+        The real command finds the dataset from the token; here the sender's
+        pool and zvol are given, as the two hosts may name them differently.
+        """
+        vol = self._volume(pool, zvol)
+        return sendrecv.SendSource(vol, sendrecv.resume_plan(vol, token))
+
+    def send_resume_size(self, pool: str, zvol: str, token: str) -> int:
+        """The exact length ``send_resume`` will produce (``zfs send -nP -t``)."""
+        return sendrecv.resume_plan(self._volume(pool, zvol), token).size
