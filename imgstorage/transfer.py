@@ -35,7 +35,8 @@ from collections import deque
 from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 from .drivers.base import ByteSink, ByteSource
-from .drivers.zfs import CommandSink, CommandSource, receive_argv, send_argv
+from .drivers.zfs import (CommandSink, CommandSource, check_resume_token, receive_argv,
+                          send_argv, send_resume_argv)
 from .errors import DriverError, ImgStorageError, ValidationError
 from .runner import Runner
 
@@ -860,11 +861,26 @@ def _ssh_argv(user: str, host: str, remote: List[str]) -> List[str]:
 
 
 def ssh_source(runner: Runner, user: str, host: str, pool: str, zvol: str, snap: str,
-               base: Optional[str] = None) -> ByteSource:
-    """``zfs send`` on ``host``, read through ssh (the pull of a VM container's copy)."""
-    return CommandSource(runner, _ssh_argv(user, host, send_argv(pool, zvol, snap, base)))
+               base: Optional[str] = None, resume_token: Optional[str] = None) -> ByteSource:
+    """``zfs send`` on ``host``, read through ssh (the pull of a VM container's copy).
+
+    With ``resume_token`` (the receiver's, after a cut resumable receive) the
+    remote command is ``zfs send -t TOKEN``, which continues where the
+    receiver stopped; the token names the snapshot, so ``snap`` and ``base``
+    are not used then.  The token is checked before it goes on the command line.
+    """
+    if resume_token is not None:
+        remote = send_resume_argv(check_resume_token(resume_token))
+    else:
+        remote = send_argv(pool, zvol, snap, base)
+    return CommandSource(runner, _ssh_argv(user, host, remote))
 
 
-def ssh_sink(runner: Runner, user: str, host: str, pool: str, zvol: str) -> ByteSink:
-    """``zfs receive -F`` on ``host``, written through ssh (the upload to a VM container)."""
-    return CommandSink(runner, _ssh_argv(user, host, receive_argv(pool, zvol)))
+def ssh_sink(runner: Runner, user: str, host: str, pool: str, zvol: str,
+             resumable: bool = False) -> ByteSink:
+    """``zfs receive -F`` on ``host``, written through ssh (the upload to a VM container).
+
+    ``resumable`` makes it ``zfs receive -s -F``: a stream cut short (the
+    connection broke) leaves a resume token on ``host`` instead of nothing.
+    """
+    return CommandSink(runner, _ssh_argv(user, host, receive_argv(pool, zvol, resumable)))

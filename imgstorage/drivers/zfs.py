@@ -11,21 +11,40 @@ send`` writing to a pipe, ``zfs receive`` reading one) wrapped as a
 ByteSource or ByteSink; the same wrappers carry the remote commands that
 imgstorage.transfer runs over ssh, so a refused stream reads the same
 whichever host refused it.
+
+Resumable streams and holds, as OpenZFS 2.1 (bookworm's zfsutils-linux
+2.1.11) does them on a real kernel (tests/kernel, ``zfs-resume-by-hand``):
+
+* ``zfs receive -s -F`` combines with every stream sync mode sends: a full
+  stream into a new zvol, a full stream into an existing zvol without
+  snapshots, an incremental stream.  Cut short (the sender died, or the
+  receiving process was killed), the receive keeps what arrived.  Into a new
+  zvol the zvol itself is left behind, marked inconsistent and without a
+  /dev/zvol link; into an existing zvol the partial state is a hidden
+  ``pool/zvol/%recv`` child and the zvol keeps its data.  In every case
+  ``zfs get receive_resume_token pool/zvol`` reports the token on
+  ``pool/zvol`` itself, and any new stream is refused ("contains
+  partially-complete state") until the sender resumes (``zfs send -t``) or
+  the state is thrown away (``zfs receive -A``, which destroys a new zvol
+  altogether and only the ``%recv`` child of an existing one).
+* A hold makes ``zfs destroy`` of the snapshot, and ``zfs destroy -r`` of its
+  zvol, fail with "dataset is busy"; nothing is destroyed.
 """
 from __future__ import annotations
 
 import errno
 import logging
 import os
+import re
 import subprocess
 import tempfile
 import threading
 import time
 from typing import Any, Callable, List, Optional, Sequence
 
-from ..errors import CommandError, DriverError, NotFoundError
+from ..errors import CommandError, DriverError, NotFoundError, ValidationError
 from ..runner import Runner
-from .base import ByteSink, ByteSource, ZvolInfo
+from .base import HOLD_TAG, ByteSink, ByteSource, ZvolInfo
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +64,10 @@ SEND_EXIT_TIMEOUT = 120.0
 # stream and syncs a transaction group, which a busy pool can make slow.
 RECEIVE_COMMIT_TIMEOUT = 600.0
 STDERR_TAIL = 64 * 1024
+# What ``zfs get receive_resume_token`` prints: a version, a checksum and a
+# length in hex, then the compressed token in hex, joined by dashes.  Nothing
+# else may travel as a token: it goes on a command line, locally and over ssh.
+_RESUME_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,4096}")
 
 
 def _missing(stderr: str) -> bool:
@@ -59,6 +82,36 @@ def _no_snapshot(stderr: str) -> bool:
 def _last_line(text: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else ""
+
+
+def _missing_line(stderr: str) -> str:
+    """The line that says what is missing (``zfs holds`` adds "no datasets available")."""
+    for line in stderr.splitlines():
+        if "dataset does not exist" in line or "no longer exists" in line:
+            return line.strip()
+    return _last_line(stderr)
+
+
+def check_resume_token(token: object) -> str:
+    """``token`` if it has the shape of a receive resume token, else ValidationError.
+
+    Checked before a token goes on any command line, here and in the ssh
+    transport, so a token that came over the wire can never become an
+    option or a second word.
+    """
+    if not isinstance(token, str) or not _RESUME_TOKEN.fullmatch(token):
+        shown = repr(token) if len(repr(token)) <= 80 else repr(token)[:77] + "..."
+        raise ValidationError(f"invalid zfs resume token {shown}")
+    return token
+
+
+def _check_tag(tag: str) -> str:
+    # ``zfs hold``/``release`` take the tag as their first operand: one that
+    # starts with "-" would be read as an option.
+    if not isinstance(tag, str) or not tag or tag.startswith("-") or any(
+            c.isspace() for c in tag):
+        raise ValidationError(f"invalid zfs hold tag {tag!r}")
+    return tag
 
 
 def _number(text: str) -> int:
@@ -126,6 +179,20 @@ def parse_send_size(output: str) -> Optional[int]:
     return None
 
 
+def parse_holds(stdout: str, snapshot: str) -> List[str]:
+    r"""The tags in ``zfs holds -H`` output: ``NAME\tTAG\tTIMESTAMP`` per hold."""
+    tags = []
+    for line in stdout.splitlines():
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) >= 2 and fields[0] == snapshot and fields[1]:
+            tags.append(fields[1])
+        else:
+            log.warning("ignoring unexpected zfs holds line %r", line)
+    return tags
+
+
 def send_argv(pool: str, zvol: str, snap: str, base: Optional[str] = None,
               estimate: bool = False) -> List[str]:
     """``zfs send``'s argv; shared with the ssh transport, which runs it remotely.
@@ -142,14 +209,25 @@ def send_argv(pool: str, zvol: str, snap: str, base: Optional[str] = None,
     return argv
 
 
-def receive_argv(pool: str, zvol: str) -> List[str]:
+def send_resume_argv(token: str, estimate: bool = False) -> List[str]:
+    """``zfs send -t``'s argv: the token names the snapshot, its base and the offset."""
+    argv = ["zfs", "send"]
+    if estimate:
+        argv.append("-nP")
+    return argv + ["-t", check_resume_token(token)]
+
+
+def receive_argv(pool: str, zvol: str, resumable: bool = False) -> List[str]:
     """``zfs receive``'s argv.
 
     ``-F`` rolls the destination back to its newest snapshot first: the VM
     container's copy has been written since, and those writes are exactly
-    what the incremental stream replaces.
+    what the incremental stream replaces.  ``-s`` keeps what arrived of a
+    stream that is cut short, for ``zfs send -t`` to continue; it combines
+    with ``-F`` for full and incremental streams alike, and a resumed stream
+    is received with the same two flags.
     """
-    return ["zfs", "receive", "-F", f"{pool}/{zvol}"]
+    return ["zfs", "receive", *(["-s"] if resumable else []), "-F", f"{pool}/{zvol}"]
 
 
 # ------------------------------------------------------------------ streams
@@ -168,11 +246,34 @@ _MISMATCH_MARKERS = (
 )
 
 
+_PARTIAL_MARKER = "Partially received snapshot is saved"
+
+
+class ReceiveInterrupted(CommandError):
+    """A resumable receive was cut short and kept what arrived.
+
+    ``zfs receive -s`` ends its complaint with the ``zfs send -t TOKEN``
+    command to resume with; the message keeps the cause and leaves the long
+    token out (``resume_token`` reads it from the destination).
+    """
+
+    def __init__(self, argv: Sequence[str], returncode: Optional[int], stderr: str) -> None:
+        super().__init__(argv, returncode, stderr)
+        lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+        cut = next((i for i, line in enumerate(lines) if line.startswith(_PARTIAL_MARKER)),
+                   len(lines))
+        cause = " ".join(lines[:cut]) or "the stream ended early"
+        self.args = (f"`{' '.join(self.argv)}` failed (exit {returncode}): {cause} "
+                     "The partially received stream was kept and can be resumed.",)
+
+
 def stream_error(argv: Sequence[str], returncode: Optional[int], stderr: str) -> CommandError:
     """The error for a failed send or receive, from what the command printed."""
     flat = " ".join(stderr.split())   # zfs wraps some messages over two lines
     if any(marker in flat for marker in _MISMATCH_MARKERS):
         return ReceiveMismatch(argv, returncode, stderr)
+    if _PARTIAL_MARKER in flat:
+        return ReceiveInterrupted(argv, returncode, stderr)
     return CommandError(argv, returncode, stderr)
 
 
@@ -469,8 +570,126 @@ class ZfsCli:
     def send(self, pool: str, zvol: str, snap: str, base: Optional[str] = None) -> ByteSource:
         return CommandSource(self.runner, send_argv(pool, zvol, snap, base))
 
-    def receive(self, pool: str, zvol: str) -> ByteSink:
-        return CommandSink(self.runner, receive_argv(pool, zvol))
+    def receive(self, pool: str, zvol: str, resumable: bool = False) -> ByteSink:
+        """``zfs receive -F`` (``-s -F`` when resumable) reading the sink's bytes.
+
+        A resumable sink that is aborted or cut short keeps what arrived: the
+        kernel saves the partial state when the receive is killed as well as
+        when its input ends early.  ``abort_resume`` throws it away.
+        """
+        return CommandSink(self.runner, receive_argv(pool, zvol, resumable))
+
+    # --------------------------------------------------- resumable streams
+    def resume_token(self, pool: str, zvol: str) -> Optional[str]:
+        """The token of a cut resumable receive into ``pool/zvol``; None if nothing is partial.
+
+        The property of ``pool/zvol`` covers both places the partial state can
+        be: the zvol itself (a full stream into a new zvol) and its hidden
+        ``%recv`` child (a stream into an existing zvol).  A zvol that does
+        not exist has nothing partial.
+        """
+        name = f"{pool}/{zvol}"
+        argv = ["zfs", "get", "-H", "-o", "value", "receive_resume_token", name]
+        result = self.runner.run(argv, check=False)
+        if result.returncode != 0:
+            if _missing(result.stderr):
+                return None
+            raise CommandError(argv, result.returncode, result.stderr, result.stdout)
+        value = result.stdout.strip()
+        if value in ("", "-"):
+            return None
+        try:
+            return check_resume_token(value)
+        except ValidationError:
+            raise DriverError(f"`{' '.join(argv)}` printed no resume token: "
+                              f"{value[:80]!r}") from None
+
+    def abort_resume(self, pool: str, zvol: str) -> None:
+        """``zfs receive -A``: forget a partial receive; no-op when there is none.
+
+        A zvol that only exists because of the partial receive (a full stream
+        into a new zvol) goes altogether; an existing zvol loses its
+        ``%recv`` child and keeps its data and snapshots.
+        """
+        name = f"{pool}/{zvol}"
+        argv = ["zfs", "receive", "-A", name]
+        result = self.runner.run(argv, check=False)
+        if result.returncode == 0:
+            return
+        # exit 1: "'pool/zvol' does not have any resumable receive state to abort";
+        # exit 2: "cannot open 'pool/zvol': dataset does not exist" and the usage text.
+        if "does not have any resumable receive state" in result.stderr or _missing(result.stderr):
+            return
+        raise CommandError(argv, result.returncode, result.stderr, result.stdout)
+
+    def send_resume(self, pool: str, zvol: str, token: str) -> ByteSource:
+        """``zfs send -t TOKEN``: the rest of the stream a cut receive asked for.
+
+        ``pool``/``zvol`` are not used: the token names the snapshot (by name
+        and guid, and ``zfs send -t`` finds it by guid wherever it is now)
+        and the offset to continue from.  A snapshot that is gone fails the
+        stream at close, in zfs's words ("used in the initial send no longer
+        exists").
+        """
+        return CommandSource(self.runner, send_resume_argv(token))
+
+    def send_resume_size(self, pool: str, zvol: str, token: str) -> int:
+        """What is left of a resumed stream, estimated by ``zfs send -nP -t``.
+
+        The dry run prints the decoded token first (``resume token
+        contents:`` and its nvlist, tab indented) and then the usual
+        ``full``/``incremental`` and ``size`` lines, counting only the bytes
+        the receiver does not have yet.
+        """
+        argv = send_resume_argv(token, estimate=True)
+        result = self.runner.run(argv, check=False)
+        if result.returncode != 0:
+            if "no longer exists" in result.stderr or _missing(result.stderr):
+                raise NotFoundError(_missing_line(result.stderr))
+            raise CommandError(argv, result.returncode, result.stderr, result.stdout)
+        size = parse_send_size(result.stdout)
+        if size is None:
+            size = parse_send_size(result.stderr)
+        if size is None:
+            raise DriverError(f"`zfs send -nP -t {token[:24]}...` printed no size estimate")
+        return size
+
+    # -------------------------------------------------------------- holds
+    def hold(self, pool: str, zvol: str, snap: str, tag: str = HOLD_TAG) -> None:
+        """``zfs hold``; a hold with this tag already there is success."""
+        full = f"{pool}/{zvol}@{snap}"
+        argv = ["zfs", "hold", _check_tag(tag), full]
+        result = self.runner.run(argv, check=False)
+        if result.returncode != 0:
+            if "tag already exists on this dataset" in result.stderr:
+                return
+            self._snapshot_error(argv, result)
+
+    def release(self, pool: str, zvol: str, snap: str, tag: str = HOLD_TAG) -> None:
+        """``zfs release``; no hold with this tag is success."""
+        full = f"{pool}/{zvol}@{snap}"
+        argv = ["zfs", "release", _check_tag(tag), full]
+        result = self.runner.run(argv, check=False)
+        if result.returncode != 0:
+            if "no such tag on this dataset" in result.stderr:
+                return
+            self._snapshot_error(argv, result)
+
+    def holds(self, pool: str, zvol: str, snap: str) -> List[str]:
+        """The tags of the holds on ``pool/zvol@snap`` (none: empty output, exit 0)."""
+        full = f"{pool}/{zvol}@{snap}"
+        argv = ["zfs", "holds", "-H", full]
+        result = self.runner.run(argv, check=False)
+        if result.returncode != 0:
+            self._snapshot_error(argv, result)
+        return parse_holds(result.stdout, full)
+
+    @staticmethod
+    def _snapshot_error(argv: List[str], result) -> None:
+        """A missing snapshot (or zvol) is NotFoundError in zfs's words; the rest as is."""
+        if _missing(result.stderr):
+            raise NotFoundError(_missing_line(result.stderr))
+        raise CommandError(argv, result.returncode, result.stderr, result.stdout)
 
     def _wait_for_device(self, path: str) -> None:
         """udev makes the /dev/zvol link after zfs returns; callers open it at once."""

@@ -485,6 +485,273 @@ def zfs_streams_by_hand(c: KernelCluster, note: Callable[[str], None]) -> None:
             n.result("zfs", "destroy", "-r", ds)
 
 
+RESUME_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,4096}")
+
+
+def zfs_resume_by_hand(c: KernelCluster, note: Callable[[str], None]) -> None:
+    """Resumable receives and holds on the NAS alone: where a cut ``zfs receive -s -F``
+    leaves its token (new zvol, incremental, existing zvol without snapshots), how the
+    resumed stream completes it byte for byte, ``zfs receive -A``, and what a hold does
+    to ``zfs destroy``."""
+    n = c.nas
+    a, b, d = f"{POOL}/ksr-a", f"{POOL}/ksr-b", f"{POOL}/ksr-d"
+    e, f, g = f"{POOL}/ksr-e", f"{POOL}/ksr-f", f"{POOL}/ksr-g"
+    size = 64 * MIB
+
+    def step(name: Optional[str], argv: List[str], note_text: Optional[str], rc: int) -> Dict:
+        if c.recording and name:
+            from record import record
+            r = record(n, name, argv, note_text)
+        else:
+            r = n.result(*argv)
+        assert r["rc"] == rc, f"`{' '.join(argv)}` -> {r['rc']} (want {rc}): " \
+                              f"{(r['stderr'] or r['stdout']).strip()[-800:]}"
+        return r
+
+    def pipe(name: Optional[str], cmd: str, note_text: Optional[str], rc: int) -> Dict:
+        return step(name, ["sh", "-c", cmd], note_text, rc)
+
+    def token_of(ds: str, name: Optional[str] = None, note_text: Optional[str] = None) -> str:
+        r = step(name, ["zfs", "get", "-H", "-o", "value", "receive_resume_token", ds],
+                 note_text, 0)
+        token = r["stdout"].strip()
+        assert RESUME_TOKEN.fullmatch(token), f"{ds} has no resume token: {r['stdout']!r}"
+        return token
+
+    def no_token(ds: str, name: Optional[str] = None, note_text: Optional[str] = None) -> None:
+        r = step(name, ["zfs", "get", "-H", "-o", "value", "receive_resume_token", ds],
+                 note_text, 0)
+        assert r["stdout"] == "-\n", f"{ds} still has a resume token: {r['stdout']!r}"
+
+    def partial(ds: str) -> bool:
+        return n.result("zfs", "list", "-H", "-o", "name", f"{ds}/%recv")["rc"] == 0
+
+    def snaps(ds: str) -> List[str]:
+        return n.sh("zfs", "list", "-H", "-o", "name", "-t", "snapshot", "-s", "creation",
+                    "-d", "1", ds).split()
+
+    def holds_device(ds: str, image: Image, what: str) -> None:
+        n.sh("udevadm", "settle")
+        assert_holds(c, n, f"/dev/zvol/{ds}", image, what)
+
+    def cut(r: Dict) -> None:
+        assert "Partially received snapshot is saved." in r["stderr"], r["stderr"]
+
+    try:
+        n.sh("zfs", "create", "-s", "-V", "64M", a)
+        n.sh("udevadm", "settle")
+        img1, img2 = Image(size), Image(size)
+        w1 = writes(81, [(0, 6 * MIB)])
+        w2 = writes(82, [(20 * MIB, 3 * MIB), (size - MIB, MIB)])
+        n.write(f"/dev/zvol/{a}", w1)
+        n.sh("zfs", "snapshot", f"{a}@s1")
+        n.write(f"/dev/zvol/{a}", w2)
+        n.sh("zfs", "snapshot", f"{a}@s2")
+        img1.apply(w1)
+        img2.apply(w1 + w2)
+
+        # 1. a full stream into a new zvol, cut short: the zvol exists, inconsistent,
+        #    and holds the token itself
+        step("zfs/real_resume_token_missing",
+             ["zfs", "get", "-H", "-o", "value", "receive_resume_token", b],
+             "before any receive: the zvol does not exist", 1)
+        r = pipe("zfs/real_receive_resumable_cut",
+                 f"zfs send {a}@s1 | head -c 2000000 | zfs receive -s -F {b}",
+                 "a resumable full stream into a new zvol, cut after 2000000 bytes", 1)
+        cut(r)
+        token = token_of(b, "zfs/real_resume_token_new",
+                         "after the cut full stream into a new zvol: on the zvol itself")
+        assert f"zfs send -t {token}" in r["stderr"], "the cut receive named another token"
+        assert n.sh("zfs", "get", "-H", "-o", "value", "inconsistent", b).strip() == "1"
+        assert not partial(b), f"{b}/%recv exists after a receive into a new zvol"
+        pipe("zfs/real_receive_resumable_refused", f"zfs send {a}@s1 | zfs receive -s -F {b}",
+             "a new full stream while the partial state is there", 1)
+        r = step("zfs/real_send_resume_estimate", ["zfs", "send", "-nP", "-t", token],
+                 "what is left of the cut full stream", 0)
+        assert f"\ttoname = {a}@s1" in r["stdout"].splitlines(), r["stdout"]
+        assert re.search(r"^size\t\d+$", r["stdout"], re.M), r["stdout"]
+        pipe("zfs/real_send_resume", f"zfs send -t {token} | zfs receive -s -F {b}",
+             "the resumed full stream completes the new zvol", 0)
+        no_token(b, "zfs/real_resume_token_none", "the stream completed: nothing partial")
+        assert snaps(b) == [f"{b}@s1"], snaps(b)
+        holds_device(b, img1, "the new zvol after the resumed full stream")
+
+        # 2. an incremental stream, cut short: the zvol keeps its data, the partial
+        #    state is the hidden %recv child, the token shows on the zvol
+        r = pipe("zfs/real_receive_resumable_cut_incremental",
+                 f"zfs send -I @s1 {a}@s2 | head -c 1000000 | zfs receive -s -F {b}",
+                 "a resumable incremental stream, cut after 1000000 bytes", 1)
+        cut(r)
+        token = token_of(b, "zfs/real_resume_token_incremental",
+                         "after the cut incremental: reported on the zvol, kept in its %recv")
+        assert partial(b), f"no {b}/%recv after a cut incremental"
+        token_of(f"{b}/%recv")
+        holds_device(b, img1, "the zvol while an incremental is partial")
+        pipe("zfs/real_receive_resumable_refused_incremental",
+             f"zfs send -I @s1 {a}@s2 | zfs receive -s -F {b}",
+             "a new incremental while the partial state is there", 1)
+        r = step("zfs/real_send_resume_estimate_incremental", ["zfs", "send", "-nP", "-t", token],
+                 "what is left of the cut incremental", 0)
+        assert re.search(rf"^incremental\t{re.escape(a)}@s1\t{re.escape(a)}@s2\t\d+$",
+                         r["stdout"], re.M), r["stdout"]
+        pipe("zfs/real_send_resume_incremental", f"zfs send -t {token} | zfs receive -s -F {b}",
+             "the resumed incremental", 0)
+        no_token(b)
+        assert not partial(b)
+        assert snaps(b) == [f"{b}@s1", f"{b}@s2"], snaps(b)
+        holds_device(b, img2, "the zvol after the resumed incremental")
+
+        # 3. a full stream into an existing zvol without snapshots (-F): %recv again
+        n.sh("zfs", "create", "-s", "-V", "64M", d)
+        n.sh("udevadm", "settle")
+        own = Image(size)
+        w3 = writes(83, [(4 * MIB, 2 * MIB)])
+        n.write(f"/dev/zvol/{d}", w3)
+        own.apply(w3)
+        r = pipe("zfs/real_receive_resumable_cut_existing",
+                 f"zfs send {a}@s1 | head -c 2000000 | zfs receive -s -F {d}",
+                 "a resumable full stream into an existing zvol without snapshots, cut", 1)
+        cut(r)
+        token = token_of(d, "zfs/real_resume_token_existing",
+                         "after the cut full stream into an existing zvol")
+        assert partial(d), f"no {d}/%recv after a cut full stream into an existing zvol"
+        holds_device(d, own, "the existing zvol while a full stream is partial")
+        pipe(None, f"zfs send -t {token} | zfs receive -s -F {d}", None, 0)
+        no_token(d)
+        assert snaps(d) == [f"{d}@s1"], snaps(d)
+        holds_device(d, img1, "the existing zvol after the resumed full stream")
+
+        # 4. zfs receive -A: a new zvol goes altogether, an existing one only loses %recv
+        cut(pipe(None, f"zfs send {a}@s1 | head -c 2000000 | zfs receive -s -F {e}", None, 1))
+        step("zfs/real_receive_abort", ["zfs", "receive", "-A", e],
+             "the partial state of a new zvol", 0)
+        assert n.result("zfs", "list", "-H", e)["rc"] == 1, f"{e} survived zfs receive -A"
+        step("zfs/real_receive_abort_missing", ["zfs", "receive", "-A", e],
+             "the zvol does not exist", 2)
+        cut(pipe(None, f"zfs send -I @s1 {a}@s2 | head -c 1000000 | zfs receive -s -F {d}",
+                 None, 1))
+        token_of(d)
+        step("zfs/real_receive_abort_existing", ["zfs", "receive", "-A", d],
+             "the %recv state of an existing zvol", 0)
+        no_token(d)
+        assert not partial(d) and snaps(d) == [f"{d}@s1"], snaps(d)
+        holds_device(d, img1, "the existing zvol after zfs receive -A")
+        step("zfs/real_receive_abort_none", ["zfs", "receive", "-A", d],
+             "an existing zvol without partial state", 1)
+
+        # 5. a receive killed mid-stream keeps its state too (what CommandSink.abort does)
+        r = pipe(None, f"zfs send {a}@s1 | head -c 2000000 > /run/ksr.part; "
+                       f"{{ cat /run/ksr.part; exec sleep 25; }} | "
+                       f"timeout -s KILL 20 zfs receive -s -F {f}", None, 137)
+        token = token_of(f)
+        pipe(None, f"zfs send -t {token} | zfs receive -s -F {f}", None, 0)
+        holds_device(f, img1, "a killed receive after its resume")
+
+        # 6. holds
+        hold = ["zfs", "hold", "imgstorage", f"{a}@s1"]
+        release = ["zfs", "release", "imgstorage", f"{a}@s1"]
+        step("zfs/real_holds_none", ["zfs", "holds", "-H", f"{a}@s1"], "no holds yet", 0)
+        step("zfs/real_hold", hold, None, 0)
+        step("zfs/real_hold_exists", hold, "the same tag a second time", 1)
+        r = step("zfs/real_holds", ["zfs", "holds", "-H", f"{a}@s1"], "one hold", 0)
+        fields = r["stdout"].rstrip("\n").split("\t")
+        assert fields[:2] == [f"{a}@s1", "imgstorage"] and len(fields) == 3, r["stdout"]
+        step("zfs/real_holds_missing", ["zfs", "holds", "-H", f"{a}@nosuch"],
+             "a snapshot that does not exist", 1)
+        step("zfs/real_hold_missing", ["zfs", "hold", "imgstorage", f"{a}@nosuch"],
+             "a snapshot that does not exist", 1)
+        step("zfs/real_release_missing", ["zfs", "release", "imgstorage", f"{POOL}/nosuch@s1"],
+             "a zvol that does not exist", 1)
+        step("zfs/real_destroy_snapshot_held", ["zfs", "destroy", f"{a}@s1"],
+             "the snapshot is held", 1)
+        step("zfs/real_destroy_recursive_held", ["zfs", "destroy", "-r", a],
+             "one of the zvol's snapshots is held", 1)
+        assert snaps(a) == [f"{a}@s1", f"{a}@s2"], f"zfs destroy -r of a held zvol: {snaps(a)}"
+        # the driver in the guest, as the daemons run it (LibZfsCoreZfs when pyzfs is there)
+        out = n.sh("python3", "-c", DRIVER_CHECK, a.split("/", 1)[1], f.split("/", 1)[1])
+        assert out.strip() == "ok", out
+        step("zfs/real_release", release, None, 0)
+        step("zfs/real_release_none", release, "the tag is gone already", 1)
+        assert n.sh("zfs", "holds", "-H", f"{a}@s1") == ""
+
+        # 7. a token whose snapshot is gone (and has no copy in the pool with its guid)
+        n.sh("zfs", "snapshot", f"{a}@s3")
+        cut(pipe(None, f"zfs send {a}@s3 | head -c 2000000 | zfs receive -s -F {g}", None, 1))
+        token = token_of(g)
+        n.sh("zfs", "destroy", f"{a}@s3")
+        step("zfs/real_send_resume_gone", ["zfs", "send", "-nP", "-t", token],
+             "the snapshot of the token was destroyed", 255)
+        out = n.sh("python3", "-c", RESUME_CHECK, g.split("/", 1)[1], token)
+        assert out.strip() == "ok", out
+        note("token on the zvol in all three cases; -s -F combine")
+    finally:
+        n.result("rm", "-f", "/run/ksr.part")
+        for ds in (a, b, d, e, f, g):
+            n.result("zfs", "receive", "-A", ds)
+            for snap in ("s1", "s2", "s3"):
+                n.result("zfs", "release", "imgstorage", f"{ds}@{snap}")
+            n.result("zfs", "destroy", "-r", ds)
+
+
+# Run in the NAS guest with the zvol names of zfs_resume_by_hand: the installed
+# driver against the real tools, on a held snapshot and a resumed zvol.
+DRIVER_CHECK = r"""
+import sys
+from imgstorage.drivers.zfs import make_zfs
+from imgstorage.errors import DriverError, NotFoundError
+from imgstorage.runner import Runner
+src, done = sys.argv[1], sys.argv[2]
+z = make_zfs(Runner())
+z.hold("tank", src, "s1")
+z.hold("tank", src, "s1")
+assert z.holds("tank", src, "s1") == ["imgstorage"], z.holds("tank", src, "s1")
+assert z.holds("tank", src, "s2") == []
+for call in (lambda: z.destroy_snapshot("tank", src, "s1"), lambda: z.destroy("tank", src)):
+    try:
+        call()
+    except NotFoundError as exc:
+        raise AssertionError(f"held: {exc}")
+    except DriverError as exc:
+        assert "dataset is busy" in str(exc), exc
+    else:
+        raise AssertionError("a held snapshot was destroyed")
+assert z.list_snapshots("tank", src) == ["s1", "s2"]
+try:
+    z.holds("tank", src, "nosuch")
+    raise AssertionError("holds of a missing snapshot")
+except NotFoundError:
+    pass
+assert z.resume_token("tank", done) is None
+assert z.resume_token("tank", "nosuch") is None
+z.abort_resume("tank", done)
+z.abort_resume("tank", "nosuch")
+z.release("tank", src, "s1")
+z.release("tank", src, "s1")
+z.hold("tank", src, "s1")
+print("ok")
+"""
+
+# The same for a partial receive whose snapshot has been destroyed since.
+RESUME_CHECK = r"""
+import sys
+from imgstorage.drivers.zfs import make_zfs
+from imgstorage.errors import NotFoundError
+from imgstorage.runner import Runner
+name, token = sys.argv[1], sys.argv[2]
+z = make_zfs(Runner())
+assert z.resume_token("tank", name) == token
+try:
+    z.send_resume_size("tank", name, token)
+    raise AssertionError("an estimate for a destroyed snapshot")
+except NotFoundError as exc:
+    assert "no longer exists" in str(exc), exc
+z.abort_resume("tank", name)
+assert z.resume_token("tank", name) is None
+z.abort_resume("tank", name)
+print("ok")
+"""
+
+
 def merged_status(status: str) -> bool:
     """``0 L snapshot-merge A/T M``: done when A == M."""
     fields = status.split()
@@ -495,4 +762,5 @@ SCENARIOS = [("direct-iscsi", direct_iscsi), ("sync-mode", sync_mode),
              ("stop-during-copy", stop_during_copy),
              ("periodic-pull", periodic_pull), ("busy-device", busy_device),
              ("restart-daemons", restart_daemons), ("dm-by-hand", dm_by_hand),
-             ("zfs-streams-by-hand", zfs_streams_by_hand)]
+             ("zfs-streams-by-hand", zfs_streams_by_hand),
+             ("zfs-resume-by-hand", zfs_resume_by_hand)]

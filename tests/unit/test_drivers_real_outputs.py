@@ -13,10 +13,10 @@ import pytest
 from imgstorage.drivers.blockdev import RealBlockDevices
 from imgstorage.drivers.dm import Dmsetup, parse_status
 from imgstorage.drivers.iscsi import Iscsiadm, parse_discovery, parse_sessions
-from imgstorage.drivers.zfs import (ReceiveMismatch, ZfsCli, is_receive_mismatch,
-                                   parse_send_size, parse_snapshot_list, parse_zfs_list,
-                                   stream_error)
-from imgstorage.errors import CommandError
+from imgstorage.drivers.zfs import (ReceiveInterrupted, ReceiveMismatch, ZfsCli,
+                                   is_receive_mismatch, parse_holds, parse_send_size,
+                                   parse_snapshot_list, parse_zfs_list, stream_error)
+from imgstorage.errors import CommandError, NotFoundError
 from imgstorage.vm.sync import merged
 from tests.unit.replay import ReplayRunner, load_fixture
 
@@ -181,6 +181,143 @@ def test_real_destroy_of_a_cow_zvol_right_after_the_switch_succeeds():
     runner = ReplayRunner().expect(["zfs", "destroy", "tank/kdm-cow"],
                                    "zfs/real_destroy_cow_held.txt")
     ZfsCli(runner).destroy("tank", "kdm-cow", recursive=False)
+
+
+# ------------------------------------------------- resumable streams, holds
+TOKEN_GET = ["zfs", "get", "-H", "-o", "value", "receive_resume_token"]
+
+
+@pytest.mark.parametrize("cut, token_fixture, zvol", [
+    # a full stream into a new zvol: the zvol itself is left, inconsistent
+    ("zfs/real_receive_resumable_cut.txt", "zfs/real_resume_token_new.txt", "ksr-b"),
+    # an incremental: the zvol keeps its data, the partial state is ksr-b/%recv
+    ("zfs/real_receive_resumable_cut_incremental.txt", "zfs/real_resume_token_incremental.txt",
+     "ksr-b"),
+    # a full stream into an existing zvol without snapshots (-s with -F): ksr-d/%recv
+    ("zfs/real_receive_resumable_cut_existing.txt", "zfs/real_resume_token_existing.txt",
+     "ksr-d"),
+])
+def test_real_cut_resumable_receive_leaves_its_token_on_the_zvol(cut, token_fixture, zvol):
+    rec = load_fixture(cut)
+    assert rec.command.endswith(f"zfs receive -s -F tank/{zvol}") and rec.returncode == 1
+    assert rec.stderr.splitlines()[1] == "Partially received snapshot is saved."
+    assert isinstance(stream_error(["zfs"], rec.returncode, rec.stderr), ReceiveInterrupted)
+    runner = ReplayRunner().expect(TOKEN_GET + [f"tank/{zvol}"], token_fixture)
+    token = ZfsCli(runner).resume_token("tank", zvol)
+    assert rec.stderr.splitlines()[-1] == f"    zfs send -t {token}"
+
+
+def test_real_token_property_without_partial_state_and_without_the_zvol():
+    assert load_fixture("zfs/real_resume_token_none.txt").stdout == "-\n"
+    runner = (ReplayRunner()
+              .expect(TOKEN_GET + ["tank/ksr-b"], "zfs/real_resume_token_none.txt")
+              .expect(TOKEN_GET + ["tank/ksr-b"], "zfs/real_resume_token_missing.txt"))
+    assert ZfsCli(runner).resume_token("tank", "ksr-b") is None
+    assert ZfsCli(runner).resume_token("tank", "ksr-b") is None
+
+
+@pytest.mark.parametrize("fixture", ["zfs/real_receive_resumable_refused.txt",
+                                     "zfs/real_receive_resumable_refused_incremental.txt"])
+def test_real_new_stream_is_refused_while_partial_state_exists(fixture):
+    rec = load_fixture(fixture)
+    assert rec.returncode == 1
+    assert rec.stderr.endswith('destination tank/ksr-b contains partially-complete state from '
+                               '"zfs receive -s".\n')
+    assert not is_receive_mismatch(Exception(rec.stderr))
+
+
+@pytest.mark.parametrize("fixture, size, what", [
+    ("zfs/real_send_resume_estimate.txt", 4472952, ["full", "tank/ksr-a@s1"]),
+    ("zfs/real_send_resume_estimate_incremental.txt", 3323480,
+     ["incremental", "tank/ksr-a@s1", "tank/ksr-a@s2"]),
+])
+def test_real_resume_estimate_prints_the_token_contents_first(fixture, size, what):
+    text = load_fixture(fixture).stdout
+    lines = text.splitlines()
+    assert lines[:2] == ["resume token contents:", "nvlist version: 0"]
+    # unlike a plain incremental estimate, the base is named in full
+    assert lines[-2].split("\t")[:-1] == what and lines[-1] == f"size\t{size}"
+    assert parse_send_size(text) == size
+
+
+def test_real_resumed_streams_completed():
+    for name in ("zfs/real_send_resume.txt", "zfs/real_send_resume_incremental.txt"):
+        rec = load_fixture(name)
+        assert rec.returncode == 0 and rec.stderr == "", name
+
+
+def test_real_resume_of_a_destroyed_snapshot_exits_255():
+    rec = load_fixture("zfs/real_send_resume_gone.txt")
+    assert rec.returncode == 255
+    assert rec.stdout.startswith("resume token contents:\n")
+    assert "size\t" not in rec.stdout
+
+
+@pytest.mark.parametrize("fixture, code", [
+    ("zfs/real_receive_abort.txt", 0), ("zfs/real_receive_abort_existing.txt", 0),
+    ("zfs/real_receive_abort_none.txt", 1), ("zfs/real_receive_abort_missing.txt", 2),
+])
+def test_real_receive_abort_exit_codes_and_the_driver_takes_them_all(fixture, code):
+    rec = load_fixture(fixture)
+    assert rec.returncode == code
+    name = rec.command.split()[-1]
+    runner = ReplayRunner().expect(["zfs", "receive", "-A", name], fixture)
+    ZfsCli(runner).abort_resume(*name.split("/"))
+    runner.assert_all_used()
+
+
+def test_real_holds_line_has_a_minute_timestamp():
+    line = load_fixture("zfs/real_holds.txt").stdout
+    name, tag, stamp = line.rstrip("\n").split("\t")
+    assert (name, tag) == ("tank/ksr-a@s1", "imgstorage")
+    assert len(stamp.split()) == 5 and stamp.split()[3].count(":") == 1   # "Tue Nov 24 16:38 2026"
+    assert parse_holds(line, name) == ["imgstorage"]
+    assert load_fixture("zfs/real_holds_none.txt").stdout == ""
+
+
+def test_real_hold_and_release_twice_fail_in_zfs_and_not_in_the_driver():
+    snap = "tank/ksr-a@s1"
+    assert load_fixture("zfs/real_hold_exists.txt").returncode == 1
+    assert load_fixture("zfs/real_release_none.txt").returncode == 1
+    runner = (ReplayRunner()
+              .expect(["zfs", "hold", "imgstorage", snap], "zfs/real_hold.txt")
+              .expect(["zfs", "hold", "imgstorage", snap], "zfs/real_hold_exists.txt")
+              .expect(["zfs", "release", "imgstorage", snap], "zfs/real_release.txt")
+              .expect(["zfs", "release", "imgstorage", snap], "zfs/real_release_none.txt"))
+    driver = ZfsCli(runner)
+    driver.hold("tank", "ksr-a", "s1")
+    driver.hold("tank", "ksr-a", "s1")
+    driver.release("tank", "ksr-a", "s1")
+    driver.release("tank", "ksr-a", "s1")
+    runner.assert_all_used()
+
+
+@pytest.mark.parametrize("fixture", ["zfs/real_hold_missing.txt", "zfs/real_holds_missing.txt",
+                                     "zfs/real_release_missing.txt"])
+def test_real_missing_snapshot_for_holds(fixture):
+    rec = load_fixture(fixture)
+    argv = rec.command.split()
+    runner = ReplayRunner().expect(argv, fixture)
+    pool, rest = argv[-1].split("/", 1)
+    zvol, snap = rest.split("@")
+    call = {"hold": ZfsCli.hold, "holds": ZfsCli.holds, "release": ZfsCli.release}[argv[1]]
+    with pytest.raises(NotFoundError, match="dataset does not exist"):
+        call(ZfsCli(runner), pool, zvol, snap)
+
+
+def test_real_held_snapshot_blocks_both_destroys_with_the_same_words():
+    single = load_fixture("zfs/real_destroy_snapshot_held.txt")
+    recursive = load_fixture("zfs/real_destroy_recursive_held.txt")
+    assert single.stderr == recursive.stderr == \
+        "cannot destroy snapshot tank/ksr-a@s1: dataset is busy\n"
+    runner = (ReplayRunner()
+              .expect(["zfs", "destroy", "tank/ksr-a@s1"], "zfs/real_destroy_snapshot_held.txt")
+              .expect(["zfs", "destroy", "-r", "tank/ksr-a"],
+                      "zfs/real_destroy_recursive_held.txt"))
+    with pytest.raises(CommandError, match="dataset is busy"):
+        ZfsCli(runner).destroy_snapshot("tank", "ksr-a", "s1")
+    with pytest.raises(CommandError, match="dataset is busy"):
+        ZfsCli(runner).destroy("tank", "ksr-a")
 
 
 # ------------------------------------------------------------ block layer
