@@ -5,11 +5,14 @@ busy timeout so short write contention waits instead of failing.
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.orm import DeclarativeBase
+
+log = logging.getLogger(__name__)
 
 
 def make_engine(path: str) -> Engine:
@@ -31,8 +34,41 @@ def make_engine(path: str) -> Engine:
 
 def create_schema(engine: Engine, base: type[DeclarativeBase]) -> None:
     base.metadata.create_all(engine)
+    add_missing_columns(engine, base)
     if engine.url.database and engine.url.database != ":memory:":
         try:
             os.chmod(engine.url.database, 0o600)  # CHAP secrets live here
         except OSError:
             pass
+
+
+def add_missing_columns(engine: Engine, base: type[DeclarativeBase]) -> None:
+    """Bring a database made by an older release up to the models.
+
+    ``create_all`` makes missing tables but never touches existing ones, so a
+    daemon upgraded in place would fail on its first query.  New columns are
+    always nullable (or have a constant default), which SQLite can add in
+    place; nothing is ever dropped or rewritten.
+    """
+    inspector = inspect(engine)
+    preparer = engine.dialect.identifier_preparer
+    with engine.begin() as conn:
+        for table in base.metadata.sorted_tables:
+            if not inspector.has_table(table.name):
+                continue
+            have = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in have:
+                    continue
+                kind = column.type.compile(dialect=engine.dialect)
+                default = ""
+                if not column.nullable:
+                    value = getattr(column.default, "arg", None)
+                    if not isinstance(value, (int, float)) or isinstance(value, bool):
+                        raise RuntimeError(f"cannot add column {table.name}.{column.name}: "
+                                           "it is NOT NULL without a constant default")
+                    default = f" NOT NULL DEFAULT {value!r}"
+                conn.execute(text(f"ALTER TABLE {preparer.quote(table.name)} ADD COLUMN "
+                                  f"{preparer.quote(column.name)} {kind}{default}"))
+                log.warning("database %s: added column %s.%s (upgrade)", engine.url.database,
+                            table.name, column.name)

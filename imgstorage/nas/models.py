@@ -35,6 +35,10 @@ class Zvol(Base):
     state_since: Mapped[float] = mapped_column(Float, default=time.time)
     prior_state: Mapped[Optional[str]] = mapped_column(String(32), nullable=True)
     last_snapshot: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
+    # The snapshot a transfer in flight delivers: kept until it arrived, so a
+    # transfer cut short (a daemon killed, a link broken) resumes from the
+    # receiver's token instead of starting over with a new snapshot.
+    transfer_snapshot: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
     retry_at: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
     failures: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[Optional[str]] = mapped_column(String(1000), nullable=True)
