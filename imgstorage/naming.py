@@ -22,6 +22,7 @@ _POOL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.:-]*\Z")
 _HOST_RE = re.compile(r"^(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                       r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z")
 _ATTR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}\Z")
+_RESUME_TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,4096}\Z")
 _IQN_RE = re.compile(r"^iqn\.\d{4}-\d{2}\.[A-Za-z0-9.:_-]+\Z")
 _RESERVED_POOL_NAMES = {"mirror", "raidz", "raidz1", "raidz2", "raidz3", "spare", "log", "cache"}
 
@@ -87,6 +88,13 @@ def attr_value(value: Any) -> Optional[str]:
         raise ValidationError("invalid attribute value: longer than 4096 characters")
     if any(ord(c) < 32 for c in value):
         raise ValidationError("invalid attribute value: control characters are not allowed")
+    return value
+
+
+def resume_token(value: Any) -> str:
+    """A ``zfs receive -s`` resume token, as it travels between daemons and to ``zfs send -t``."""
+    if not isinstance(value, str) or not _RESUME_TOKEN_RE.match(value):
+        raise ValidationError("invalid resume token: expected up to 4096 letters, digits, _ and -")
     return value
 
 

@@ -13,7 +13,7 @@ import secrets
 import time
 from typing import Callable, ContextManager, Dict, List, Optional
 
-from .. import naming
+from .. import naming, syncsnaps
 from ..config import Config
 from ..drivers import NodeDrivers
 from ..drivers.base import ChapCredentials
@@ -125,7 +125,8 @@ class NasService:
             self._rollback_map(zvol, target if target_made else None, exc)
             raise
         self.store.transition(zvol, Event.ATTACHED_SYNC if sync else Event.ATTACHED, bdev=bdev,
-                              initiator=initiator, last_snapshot=None, failures=0, retry_at=None)
+                              initiator=initiator, last_snapshot=None, transfer_snapshot=None,
+                              failures=0, retry_at=None)
         log.info("mapped %s to %s:%s in %.2fs%s", zvol, remotehost, bdev,
                  time.monotonic() - started, "; NAS->VM copy queued" if sync else "")
         if sync:
@@ -196,7 +197,8 @@ class NasService:
         if row.state == State.MERGING.value:
             if row.iscsi_target:
                 self.drivers.target.delete_target(row.iscsi_target)
-            self.store.transition(zvol, Event.SYNCED, iscsi_target=None, last_error=None)
+            self.store.transition(zvol, Event.SYNCED, iscsi_target=None, last_error=None,
+                                  retry_at=None, failures=0)
             self.store.set_zvol_attrs(zvol, {"nextsync": int(time.time() + self.sync.frequency(zvol))})
             log.info("zvol %s runs from its local copy on %s", zvol, row.remotehost)
         else:
@@ -212,6 +214,7 @@ class NasService:
         self.store.transition(zvol, Event.DELETE)
         try:
             if self.drivers.zfs.get_zvol(zpool, zvol) is not None:
+                syncsnaps.let_go(self.drivers.zfs, zpool, zvol)
                 self.drivers.zfs.destroy(zpool, zvol, recursive=True)
         except Exception as exc:
             self.store.transition(zvol, Event.FAILED, last_error=str(exc)[:1000])
@@ -240,7 +243,10 @@ class NasService:
             if row.state in risky:
                 log.warning("zvol %s cleaned by force in state %s: writes on %s that were not "
                             "synced home are given up", zvol, row.state, row.remotehost)
+            # a pull cut short would resume into a cycle that is over
+            self.drivers.zfs.abort_resume(row.zpool, zvol)
             self.store.update(zvol, state=State.UNMAPPED.value, remotehost=None,
+                              transfer_snapshot=None,
                               remotepool=None, iscsi_target=None, bdev=None, initiator=None,
                               chap_user=None, chap_secret=None, prior_state=None,
                               state_since=time.time(), retry_at=None, failures=0,

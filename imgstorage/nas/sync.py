@@ -7,32 +7,45 @@ has come.  A failed job is retried with backoff; nothing is ever destroyed on
 the container before the NAS has received its data.  Because jobs are derived
 from the zvol states in the database, a restarted daemon picks up where the
 previous one was.
+
+Transfers resume.  The snapshot a transfer delivers is recorded
+(``transfer_snapshot``) before it is taken, and every receive keeps what
+arrived when it is cut short (``zfs receive -s``).  The next attempt asks the
+receiver for its resume token and continues from there (``zfs send -t``); it
+starts over from zero only when the sender says the token cannot be resumed
+or a resume failed twice in a row, and then the log says so.
+
+A zvol stays ``merging`` until its container reports the merge done.  That
+report is a one-way message, so the NAS also asks the container itself (at
+start, then every MERGE_CHECK seconds) and moves on if the report was lost.
 """
 from __future__ import annotations
 
 import logging
-import secrets
 import threading
 import time
-from typing import Optional
+from typing import Dict, Optional, Set
 
-from ..errors import ImgStorageError, StateError
-from ..transfer import TransferCancelled, pump
+from .. import syncsnaps
+from ..errors import (BrokerUnavailable, ImgStorageError, NoSuchNode, RpcTimeout,
+                      StateError)
+from ..syncsnaps import SNAP_PREFIX, new_snapshot_name
+from ..transfer import Progress, TransferCancelled
 from .jobs import Job, Jobs
 from .states import Event, State
 
 log = logging.getLogger(__name__)
 
-SNAP_PREFIX = "IMG-STORAGE-"
-KEEP_SNAPSHOTS = 3
 DEFAULT_FREQUENCY = 300
 TICK = 1.0
 MAX_BACKOFF = 300.0
+MERGE_CHECK = 30.0          # seconds between asking a container how its merge goes
+RESUME_ATTEMPTS = 3         # failed resumes in a row (the sender reachable) before starting over
 
 
-def new_snapshot_name() -> str:
-    """Sortable by name as well as by creation: time first, then randomness."""
-    return f"{SNAP_PREFIX}{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+def cannot_resume(exc: BaseException) -> bool:
+    """The sender's own verdict that a token is of no use (``zfs send -t`` refused it)."""
+    return "cannot resume" in str(exc)
 
 
 class SyncManager:
@@ -44,6 +57,9 @@ class SyncManager:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._merge_checked: Dict[str, float] = {}
+        self._resuming: Set[str] = set()                # last attempt was a resume
+        self._resume_failures: Dict[str, int] = {}
 
     def wake(self) -> None:
         """Look at the zvols now rather than at the next tick (a map just queued a copy)."""
@@ -110,6 +126,10 @@ class SyncManager:
         elif row.state == State.PULLING.value and self.jobs.get(row.zvol) is None:
             # a pull that was running when the daemon stopped: try again later
             self.store.transition(row.zvol, Event.FAILED)
+        elif row.state == State.MERGING.value:
+            if now - self._merge_checked.get(row.zvol, 0.0) >= MERGE_CHECK:
+                self._merge_checked[row.zvol] = now
+                self.jobs.start(row.zvol, "merge_check", self._check_merge)
         elif row.state == State.LOCAL.value:
             attrs = self.store.zvol_attrs(row.zvol)
             nextsync = attrs.nextsync if attrs else None
@@ -119,6 +139,7 @@ class SyncManager:
                 self.jobs.start(row.zvol, "pull", lambda job: self._pull(job, final=False))
 
     def _failed(self, zvol: str, what: str, exc: Exception) -> None:
+        self._resume_ended(zvol, exc)
         row = self.store.get(zvol)
         failures = (row.failures or 0) + 1 if row else 1
         delay = min(MAX_BACKOFF, 2.0 ** failures)
@@ -127,6 +148,46 @@ class SyncManager:
                           last_error=f"{what}: {exc}"[:1000])
 
     # -- NAS -> VM ----------------------------------------------------------------
+    def _transfer_snapshot(self, row) -> str:
+        """The snapshot this transfer delivers: the recorded one if it still exists."""
+        zfs = self.drivers.zfs
+        snap = row.transfer_snapshot
+        if snap is None or snap not in zfs.list_snapshots(row.zpool, row.zvol):
+            snap = new_snapshot_name()
+            # recorded before it exists: a daemon killed in between finds no
+            # such snapshot and simply makes another
+            self.store.update(row.zvol, transfer_snapshot=snap)
+            zfs.snapshot(row.zpool, row.zvol, snap)
+        zfs.hold(row.zpool, row.zvol, snap)
+        return snap
+
+    def _give_up_resume(self, row, why: str) -> bool:
+        """Whether a resume should be abandoned (and the transfer started over)."""
+        if why:
+            log.warning("the transfer of %s cannot be resumed (%s): starting it over from zero",
+                        row.zvol, why)
+            return True
+        failed = self._resume_failures.get(row.zvol, 0)
+        if failed >= RESUME_ATTEMPTS:
+            log.warning("resuming the transfer of %s failed %d times in a row: starting it over "
+                        "from zero", row.zvol, failed)
+            return True
+        return False
+
+    def _resume_ended(self, zvol: str, exc: Optional[BaseException] = None) -> None:
+        """Count a resume that failed with the other side reachable; forget it otherwise."""
+        if zvol not in self._resuming:
+            return
+        if exc is None:
+            self._resuming.discard(zvol)
+            self._resume_failures.pop(zvol, None)
+        elif not isinstance(exc, (NoSuchNode, RpcTimeout, BrokerUnavailable)):
+            self._resume_failures[zvol] = self._resume_failures.get(zvol, 0) + 1
+
+    def _fresh(self, zvol: str) -> None:
+        self._resuming.discard(zvol)
+        self._resume_failures.pop(zvol, None)
+
     def _upload(self, job: Job) -> None:
         row = self.store.get(job.zvol)
         if row is None or row.state != State.UPLOADING.value:
@@ -134,27 +195,118 @@ class SyncManager:
         zfs = self.drivers.zfs
         started = time.monotonic()
         try:
-            snap = new_snapshot_name()
-            zfs.snapshot(row.zpool, row.zvol, snap)
-            job.progress.total = zfs.send_size(row.zpool, row.zvol, snap)
+            snap = self._transfer_snapshot(row)
             rate = self._attr(row.zvol, "uploadspeed")
-            log.info("NAS->VM copy of %s to %s:%s started (%s bytes, limit %s B/s)", row.zvol,
-                     row.remotehost, row.remotepool, job.progress.total, rate or "none")
-            self.service.transport.upload(row, snap, job, rate)
-            self.store.update(row.zvol, last_snapshot=snap)
-            self._trim(row.zpool, row.zvol, keep={snap})
+            token = self.service.remote(row.remotehost, {"action": "recv_zvol",
+                                                         "zvol": row.zvol}).get("resume_token")
+            if token:
+                why = ""
+                try:
+                    job.progress.total = zfs.send_resume_size(row.zpool, row.zvol, token)
+                except ImgStorageError as exc:
+                    if not cannot_resume(exc):
+                        raise
+                    why = str(exc)
+                if self._give_up_resume(row, why):
+                    self.service.remote(row.remotehost, {"action": "recv_zvol", "zvol": row.zvol,
+                                                         "restart": True})
+                    token = None
+            if token:
+                self._resuming.add(row.zvol)
+                log.info("NAS->VM copy of %s to %s:%s resumed (%s bytes left, limit %s B/s)",
+                         row.zvol, row.remotehost, row.remotepool, job.progress.total,
+                         rate or "none")
+                open_source = lambda: zfs.send_resume(row.zpool, row.zvol, token)  # noqa: E731
+            else:
+                self._fresh(row.zvol)
+                job.progress.total = zfs.send_size(row.zpool, row.zvol, snap)
+                log.info("NAS->VM copy of %s to %s:%s started (%s bytes, limit %s B/s)",
+                         row.zvol, row.remotehost, row.remotepool, job.progress.total,
+                         rate or "none")
+                open_source = lambda: zfs.send(row.zpool, row.zvol, snap)  # noqa: E731
+            self.service.transport.upload(row, open_source, job, rate)
+            self._resume_ended(row.zvol)
+            self.store.update(row.zvol, last_snapshot=snap, transfer_snapshot=None)
+            syncsnaps.settle(zfs, row.zpool, row.zvol, snap)
             self.service.remote(row.remotehost, {"action": "sync_zvol", "zvol": row.zvol,
-                                                 "target": row.iscsi_target})
+                                                 "target": row.iscsi_target, "snap": snap})
             self.store.transition(row.zvol, Event.UPLOADED, failures=0, retry_at=None,
                                   last_error=None)
             log.info("NAS->VM copy of %s done: %d bytes in %.1fs (%.0f B/s); container merging",
                      row.zvol, job.progress.done, time.monotonic() - started, _average(job))
         except TransferCancelled:
-            log.info("NAS->VM copy of %s cancelled", row.zvol)
+            log.info("NAS->VM copy of %s cancelled after %d bytes", row.zvol, job.progress.done)
         except (ImgStorageError, OSError) as exc:
             self._failed(row.zvol, "NAS->VM copy", exc)
 
+    def _check_merge(self, job: Job) -> None:
+        """Ask the container how the merge goes, in case its report never arrived."""
+        row = self.store.get(job.zvol)
+        if row is None or row.state != State.MERGING.value:
+            return
+        try:
+            body = self.service.remote(row.remotehost, {"action": "list_dev"}).get("body") or {}
+        except ImgStorageError as exc:
+            log.warning("could not ask %s how the merge of %s goes: %s", row.remotehost,
+                        row.zvol, exc)
+            return
+        entry = body.get(row.zvol) if isinstance(body, dict) else None
+        there = entry.get("state") if isinstance(entry, dict) else None
+        if there == "local":
+            log.warning("zvol %s: %s finished merging but its report never arrived; "
+                        "moving on", row.zvol, row.remotehost)
+            self.service.zvol_synced(row.zvol, True, None)
+        elif there != "merging":
+            log.warning("zvol %s is merging here but %s on %s", row.zvol, there or "unknown",
+                        row.remotehost)
+
     # -- VM -> NAS ----------------------------------------------------------------
+    def _pull_request(self, row) -> Dict:
+        """Resume the pull cut short, if any; else a new snapshot from the common base."""
+        zfs = self.drivers.zfs
+        token = zfs.resume_token(row.zpool, row.zvol)
+        if token and row.transfer_snapshot is None:
+            log.warning("zvol %s has a partial receive nobody asked for: discarding it", row.zvol)
+            token = None
+        elif token and self._give_up_resume(row, ""):
+            token = None
+        if token:
+            self._resuming.add(row.zvol)
+            return {"resume_token": token, "snap": row.transfer_snapshot}
+        self._fresh(row.zvol)
+        zfs.abort_resume(row.zpool, row.zvol)
+        snap = new_snapshot_name()
+        self.store.update(row.zvol, transfer_snapshot=snap)
+        return {"snap": snap, "base": self._common_base(row)}
+
+    def _pull_once(self, row, job: Job, what: str, final: bool) -> bool:
+        """One stream from the container into the NAS's zvol; whether it was a resumed one."""
+        zfs = self.drivers.zfs
+        started = time.monotonic()
+        request = self._pull_request(row)
+        resumed = "resume_token" in request
+        if resumed:
+            log.info("%s of %s resumed (snapshot %s)", what, row.zvol, request["snap"])
+        rate = None if final else self._attr(row.zvol, "downloadspeed")
+        job.progress = Progress()          # a second pass measures itself
+        try:
+            size = self.service.transport.pull(row, request, job, rate)
+        except ImgStorageError as exc:
+            if resumed and cannot_resume(exc):
+                log.warning("the %s of %s cannot be resumed (%s): it starts over from zero "
+                            "at the next attempt", what, row.zvol, exc)
+                zfs.abort_resume(row.zpool, row.zvol)
+                self.store.update(row.zvol, transfer_snapshot=None)
+            raise
+        snap = request["snap"]
+        self._resume_ended(row.zvol)
+        log.info("%s of %s: %d bytes in %.1fs (%.0f B/s, estimate %s)", what, row.zvol,
+                 job.progress.done, time.monotonic() - started, _average(job), size)
+        self.store.update(row.zvol, last_snapshot=snap, transfer_snapshot=None, failures=0,
+                          retry_at=None, last_error=None)
+        syncsnaps.settle(zfs, row.zpool, row.zvol, snap)
+        return resumed
+
     def _pull(self, job: Job, final: bool) -> None:
         row = self.store.get(job.zvol)
         expected = State.FINAL_PULL if final else State.LOCAL
@@ -165,15 +317,16 @@ class SyncManager:
         try:
             if not final:
                 self.store.transition(row.zvol, Event.PULL)
-            snap = new_snapshot_name()
-            base = self._common_base(row)
-            rate = None if final else self._attr(row.zvol, "downloadspeed")
-            size = self.service.transport.pull(row, snap, base, job, rate)
-            log.info("%s of %s: %d bytes in %.1fs (%.0f B/s, estimate %s)", what, row.zvol,
-                     job.progress.done, time.monotonic() - started, _average(job), size)
-            self.store.update(row.zvol, last_snapshot=snap, failures=0, retry_at=None,
-                              last_error=None)
-            self._trim(row.zpool, row.zvol, keep={snap})
+            while True:
+                resumed = self._pull_once(row, job, what, final)
+                row = self.store.get(job.zvol)
+                if not (final and resumed):
+                    break
+                # The resumed stream brought a snapshot taken before the VM
+                # stopped; what it wrote after that comes with one more pull.
+                log.info("%s of %s: the resumed stream is in; now the writes made after it",
+                         what, row.zvol)
+            log.info("%s of %s done in %.1fs", what, row.zvol, time.monotonic() - started)
             if final:
                 self.service.remote(row.remotehost, {"action": "del_local", "zvol": row.zvol})
                 self.store.transition(row.zvol, Event.PULLED, remotehost=None, remotepool=None,
@@ -184,7 +337,8 @@ class SyncManager:
                 self.store.set_zvol_attrs(row.zvol, {
                     "nextsync": int(time.time() + self.frequency(row.zvol))})
         except TransferCancelled:
-            log.info("%s of %s cancelled", what, row.zvol)
+            log.info("%s of %s cancelled after %d bytes; it resumes from there", what, row.zvol,
+                     job.progress.done)
             if not final:
                 self._back_to_local(row.zvol)
         except (ImgStorageError, OSError) as exc:
@@ -205,16 +359,6 @@ class SyncManager:
         if row.last_snapshot in snaps:
             return row.last_snapshot
         return snaps[-1] if snaps else None
-
-    def _trim(self, pool: str, zvol: str, keep: set) -> None:
-        """Keep the newest few of our own snapshots; never touch anyone else's."""
-        ours = [s for s in self.drivers.zfs.list_snapshots(pool, zvol) if s.startswith(SNAP_PREFIX)]
-        for snap in ours[:-KEEP_SNAPSHOTS]:
-            if snap not in keep:
-                try:
-                    self.drivers.zfs.destroy_snapshot(pool, zvol, snap)
-                except ImgStorageError as exc:
-                    log.warning("could not destroy old snapshot %s/%s@%s: %s", pool, zvol, snap, exc)
 
 
 def _average(job: Job) -> float:

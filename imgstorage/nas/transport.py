@@ -5,12 +5,16 @@ container's end, throttled and measured by imgstorage.transfer.  With TCP the
 container daemon opens a one-time endpoint guarded by a token that travels in
 the request; with ssh the NAS runs the container's zfs as ``ssh_user``.  The
 simulated backend always uses TCP, so its bytes really cross a socket.
+
+Every receive is resumable (``zfs receive -s``); the sync manager decides
+whether a transfer starts fresh or resumes, and the transports only carry it.
 """
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Callable, Dict, Optional
 
+from ..drivers.base import ByteSource
 from ..drivers.resolver import network_name
 from ..errors import ImgStorageError
 from ..runner import default_runner
@@ -30,6 +34,16 @@ def _move(job, rate: Optional[int], open_source, open_sink) -> None:
     pump(source, sink, rate_limit=rate, progress=job.progress, cancel=job.cancel)
 
 
+def _send_request(row, request: Dict) -> Dict:
+    """``send_zvol`` for a new snapshot (``snap``, ``base``) or a resume (``resume_token``)."""
+    message = {"action": "send_zvol", "zvol": row.zvol}
+    if "resume_token" in request:
+        message["resume_token"] = request["resume_token"]
+    else:
+        message.update(snap=request["snap"], base=request.get("base"))
+    return message
+
+
 class TcpTransport:
     def __init__(self, service):
         self.svc = service
@@ -40,22 +54,20 @@ class TcpTransport:
             raise ImgStorageError("the container answered without a stream endpoint")
         return address, port
 
-    def upload(self, row, snap: str, job, rate: Optional[int]) -> None:
+    def upload(self, row, open_source: Callable[[], ByteSource], job, rate: Optional[int]) -> None:
         token = new_token()
         reply = self.svc.remote(row.remotehost, {"action": "recv_zvol", "zvol": row.zvol,
                                                  "token": token})
         address, port = self._endpoint(reply)
-        _move(job, rate, lambda: self.svc.drivers.zfs.send(row.zpool, row.zvol, snap),
-              lambda: SocketSink.connect(address, port, token))
+        _move(job, rate, open_source, lambda: SocketSink.connect(address, port, token))
 
-    def pull(self, row, snap: str, base: Optional[str], job, rate: Optional[int]) -> int:
+    def pull(self, row, request: Dict, job, rate: Optional[int]) -> Optional[int]:
         token = new_token()
-        reply = self.svc.remote(row.remotehost, {"action": "send_zvol", "zvol": row.zvol,
-                                                 "snap": snap, "base": base, "token": token})
+        reply = self.svc.remote(row.remotehost, dict(_send_request(row, request), token=token))
         job.progress.total = reply.get("size")
         address, port = self._endpoint(reply)
         _move(job, rate, lambda: SocketSource.connect(address, port, token),
-              lambda: self.svc.drivers.zfs.receive(row.zpool, row.zvol))
+              lambda: self.svc.drivers.zfs.receive(row.zpool, row.zvol, resumable=True))
         return reply.get("size")
 
 
@@ -67,19 +79,25 @@ class SshTransport:
     def _host(self, remotehost: str) -> str:
         return network_name(self.svc.config, remotehost) or remotehost
 
-    def upload(self, row, snap: str, job, rate: Optional[int]) -> None:
-        _move(job, rate, lambda: self.svc.drivers.zfs.send(row.zpool, row.zvol, snap),
+    def upload(self, row, open_source: Callable[[], ByteSource], job, rate: Optional[int]) -> None:
+        _move(job, rate, open_source,
               lambda: ssh_sink(default_runner, self.user, self._host(row.remotehost),
-                               row.remotepool, row.zvol))
+                               row.remotepool, row.zvol, resumable=True))
 
-    def pull(self, row, snap: str, base: Optional[str], job, rate: Optional[int]) -> int:
-        reply = self.svc.remote(row.remotehost, {"action": "send_zvol", "zvol": row.zvol,
-                                                 "snap": snap, "base": base})
+    def pull(self, row, request: Dict, job, rate: Optional[int]) -> Optional[int]:
+        reply = self.svc.remote(row.remotehost, _send_request(row, request))
         job.progress.total = reply.get("size")
-        _move(job, rate, lambda: ssh_source(default_runner, self.user,
-                                            self._host(row.remotehost), row.remotepool,
-                                            row.zvol, snap, base),
-              lambda: self.svc.drivers.zfs.receive(row.zpool, row.zvol))
+        host = self._host(row.remotehost)
+        if "resume_token" in request:
+            open_source = lambda: ssh_source(default_runner, self.user, host,  # noqa: E731
+                                             row.remotepool, row.zvol, request["snap"],
+                                             resume_token=request["resume_token"])
+        else:
+            open_source = lambda: ssh_source(default_runner, self.user, host,  # noqa: E731
+                                             row.remotepool, row.zvol, request["snap"],
+                                             request.get("base"))
+        _move(job, rate, open_source,
+              lambda: self.svc.drivers.zfs.receive(row.zpool, row.zvol, resumable=True))
         return reply.get("size")
 
 

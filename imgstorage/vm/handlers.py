@@ -13,8 +13,6 @@ from . import streams
 from .service import VmService
 
 QUICK = {"list_dev", "initiator_name", "ping"}
-SNAP_PREFIX = "IMG-STORAGE-"
-KEEP_SNAPSHOTS = 3
 
 
 def _chap(value) -> ChapCredentials:
@@ -70,36 +68,52 @@ def build(service: VmService) -> Dict[str, object]:
 
     def sync_zvol(env: Envelope) -> dict:
         zvol = field(env.body, "zvol", naming.zvol_name)
+        snap = field(env.body, "snap", optional_name(_snap), required=False)
         with service.zvol_lock(zvol):
-            service.start_merge(zvol)
+            service.start_merge(zvol, snap)
         return protocol.success("sync_zvol", zvol=zvol, merging=True)
 
     def recv_zvol(env: Envelope) -> dict:
+        """Without ``token``: how a receive would start (our resume token, if any);
+        with ``restart``: the partial state is thrown away first; with ``token``:
+        the one-time endpoint the NAS streams into."""
         zvol = field(env.body, "zvol", naming.zvol_name)
-        token = field(env.body, "token", _token)
+        token = field(env.body, "token", _token, required=False)
+        restart = field(env.body, "restart", protocol.bool_field, required=False, default=False)
         with service.zvol_lock(zvol):
             row = service.require(zvol, "snapshot")
-            sink = zfs.receive(row.remotepool, zvol)
-            endpoint = streams.serve_receive(service.config, token, sink,
-                                             f"NAS->VM copy of {zvol} into {row.remotepool}")
-        return protocol.success("recv_zvol", zvol=zvol, **endpoint)
+            if restart:
+                zfs.abort_resume(row.remotepool, zvol)
+            reply = {"zvol": zvol, "resume_token": zfs.resume_token(row.remotepool, zvol)}
+            if token:
+                sink = zfs.receive(row.remotepool, zvol, resumable=True)
+                reply.update(streams.serve_receive(service.config, token, sink,
+                                                   f"NAS->VM copy of {zvol} into "
+                                                   f"{row.remotepool}"))
+        return protocol.success("recv_zvol", **reply)
 
     def send_zvol(env: Envelope) -> dict:
+        """A stream of a new snapshot (``snap`` from ``base``) or, with ``resume_token``,
+        the rest of one the NAS received in part."""
         m = env.body
         zvol = field(m, "zvol", naming.zvol_name)
-        snap = field(m, "snap", _snap)
+        resume = field(m, "resume_token", optional_name(naming.resume_token), required=False)
+        snap = field(m, "snap", _snap, required=resume is None)
         base = field(m, "base", optional_name(_snap), required=False)
         token = field(m, "token", _token, required=False)
         with service.zvol_lock(zvol):
-            size = service.snapshot_for_pull(zvol, snap, base)
-            service.trim_snapshots(zvol, [s for s in (snap, base) if s], SNAP_PREFIX,
-                                   KEEP_SNAPSHOTS)
+            row = service.require(zvol, "local", "detached_local")
+            if resume:
+                size = zfs.send_resume_size(row.remotepool, zvol, resume)
+                what = f"NAS<-VM sync of {zvol} (resumed)"
+            else:
+                size = service.snapshot_for_pull(zvol, snap, base)
+                what = f"NAS<-VM sync of {zvol} ({snap})"
             reply = {"zvol": zvol, "size": size}
             if token:
-                row = service.require(zvol)
-                source = zfs.send(row.remotepool, zvol, snap, base)
-                reply.update(streams.serve_send(service.config, token, source,
-                                                f"NAS<-VM sync of {zvol} ({snap})"))
+                source = (zfs.send_resume(row.remotepool, zvol, resume) if resume
+                          else zfs.send(row.remotepool, zvol, snap, base))
+                reply.update(streams.serve_send(service.config, token, source, what))
         return protocol.success("send_zvol", **reply)
 
     def del_local(env: Envelope) -> dict:

@@ -17,7 +17,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from .. import naming
+from .. import naming, syncsnaps
 from ..config import Config
 from ..drivers import NodeDrivers
 from ..drivers.base import ChapCredentials, SessionInfo
@@ -255,6 +255,7 @@ class VmService:
         for pool in sorted(pools):
             for name in (temp_name(zvol), zvol):
                 if self.drivers.zfs.get_zvol(pool, name) is not None:
+                    syncsnaps.let_go(self.drivers.zfs, pool, name)
                     self.drivers.zfs.destroy(pool, name, recursive=True)
                     done.append(f"destroyed {pool}/{name}")
         self._forget(zvol)
@@ -291,8 +292,15 @@ class VmService:
             raise StateError(f"zvol {zvol} is {row.state} on {self.config.name}")
         return row
 
-    def start_merge(self, zvol: str) -> None:
+    def start_merge(self, zvol: str, snap: Optional[str] = None) -> None:
+        """The copy arrived: merge the VM's writes into it.
+
+        ``snap`` is the NAS snapshot the copy is; it is the base of the first
+        pull, so it is held here from now on.
+        """
         row = self.require(zvol, "snapshot", "merging")
+        if snap:
+            syncsnaps.hold_only(self.drivers.zfs, row.remotepool, zvol, {snap})
         if row.state == "merging":
             return
         figures = self.sync.merge_figures(zvol)
@@ -302,7 +310,11 @@ class VmService:
         self.sync.wake()
 
     def snapshot_for_pull(self, zvol: str, snap: str, base: Optional[str]) -> int:
-        """Snapshot the local copy for a pull; the stream's estimated size."""
+        """Snapshot the local copy for a pull; the stream's estimated size.
+
+        The new snapshot is held at once (a cut pull resumes from it) and so
+        is the base until the NAS asks for a stream built on something newer.
+        """
         row = self.require(zvol, "local", "detached_local")
         zfs = self.drivers.zfs
         snaps = zfs.list_snapshots(row.remotepool, zvol)
@@ -310,15 +322,10 @@ class VmService:
             raise NotFoundError(f"snapshot {base} of {zvol} is not on {self.config.name}")
         if snap not in snaps:
             zfs.snapshot(row.remotepool, zvol, snap)
+        keep = {s for s in (snap, base) if s}
+        syncsnaps.hold_only(zfs, row.remotepool, zvol, keep)
+        syncsnaps.trim(zfs, row.remotepool, zvol, keep)
         return zfs.send_size(row.remotepool, zvol, snap, base)
-
-    def trim_snapshots(self, zvol: str, keep: List[str], prefix: str, count: int) -> None:
-        row = self.require(zvol)
-        zfs = self.drivers.zfs
-        ours = [s for s in zfs.list_snapshots(row.remotepool, zvol) if s.startswith(prefix)]
-        for snap in ours[:-count]:
-            if snap not in keep:
-                zfs.destroy_snapshot(row.remotepool, zvol, snap)
 
     def del_local(self, zvol: str) -> None:
         """The NAS has our copy: destroy it."""
@@ -329,6 +336,7 @@ class VmService:
             raise StateError(f"zvol {zvol} is {row.state} on {self.config.name}; its copy is "
                              "still in use")
         if self.drivers.zfs.get_zvol(row.remotepool, zvol) is not None:
+            syncsnaps.let_go(self.drivers.zfs, row.remotepool, zvol)
             self.drivers.zfs.destroy(row.remotepool, zvol, recursive=True)
         self._forget(zvol)
         log.info("destroyed the local copy of %s: the NAS has it", zvol)

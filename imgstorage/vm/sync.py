@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Callable, Dict, Optional
 
-from .. import naming
+from .. import naming, syncsnaps
 from ..drivers.dm import linear_table, snapshot_merge_table, snapshot_table
 from ..errors import DriverError, ImgStorageError, StateError
 
@@ -73,6 +73,7 @@ class ContainerSync:
         if pool:
             for name in (temp_name(zvol), zvol):
                 if self.drivers.zfs.get_zvol(pool, name) is not None:
+                    syncsnaps.let_go(self.drivers.zfs, pool, name)
                     self.drivers.zfs.destroy(pool, name, recursive=True)
 
     # -- merge --------------------------------------------------------------
