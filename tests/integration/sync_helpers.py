@@ -33,6 +33,28 @@ WAIT = 60.0
 Write = Tuple[int, bytes]
 
 
+# ----------------------------------------------------------------- cluster
+SLOW = "compute-0-3"            # merges slowly, so a test can act while it merges
+FAST = "vm-container-0-14"
+SLOW_MERGE_RATE = 12            # chunks of 8 KiB per second: about 12 s for 1.2 MiB of writes
+
+
+def sync_cluster_body(tmp_path_factory, vhost, name: str):
+    """A fixture body: NAS + a slow and a fast container, registered; stopped afterwards."""
+    from .conftest import _cluster
+    c = _cluster(tmp_path_factory, vhost, name,
+                 node_env={SLOW: {"IMGSTORAGE_SIM_MERGE_RATE": str(SLOW_MERGE_RATE)}})
+    try:
+        for args in (["add", "host", NAS, "appliance=nas"],
+                     ["add", "host", FAST, "appliance=vm-container"],
+                     ["add", "host", SLOW, "appliance=vm-container"],
+                     ["set", "host", "attr", NAS, "img_zpools", POOL]):
+            ok(c.rocks(*args))
+        yield c
+    finally:
+        c.stop_all()
+
+
 # ----------------------------------------------------------------- waiting
 def wait_until(what: str, probe: Callable[[], object], timeout: float = WAIT,
                interval: float = 0.1, show: Optional[Callable[[], object]] = None):

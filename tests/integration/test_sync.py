@@ -13,33 +13,21 @@ import time
 
 import pytest
 
-from .conftest import _cluster, ok
-from .sync_helpers import (GIB, KIB, MIB, NAS, POOL, REGION, Image, assert_container_clean,
-                           assert_nas_holds, diagnose, do_writes, measure_transfer, median,
-                           nas_row, nas_state, phase_writes, prepare_zvol, read, read_nas,
-                           read_targets, set_zvolattr, sim, storagedev, storagemap, sync_map,
-                           unmap, vm_state, wait_dev_status, wait_display, wait_nas_state,
-                           wait_until, write, write_between_pulls, zfs_names)
+from .conftest import ok
+from .sync_helpers import (FAST, GIB, KIB, MIB, NAS, POOL, REGION, SLOW, Image,
+                           assert_container_clean, assert_nas_holds, diagnose, do_writes,
+                           measure_transfer, median, nas_row, nas_state, phase_writes,
+                           prepare_zvol, read, read_nas, read_targets, set_zvolattr, sim,
+                           storagedev, storagemap, sync_cluster_body, sync_map, unmap, vm_state,
+                           wait_dev_status, wait_display, wait_nas_state, wait_until, write,
+                           write_between_pulls, zfs_names)
 
-SLOW = "compute-0-3"
-FAST = "vm-container-0-14"
-SLOW_MERGE_RATE = 12            # chunks of 8 KiB per second: about 12 s for 1.2 MiB of writes
 BASE = 3 * MIB                  # the NAS pattern a throttled copy has to move
 
 
 @pytest.fixture(scope="module")
 def sync_cluster(tmp_path_factory, vhost):
-    c = _cluster(tmp_path_factory, vhost,
-                 node_env={SLOW: {"IMGSTORAGE_SIM_MERGE_RATE": str(SLOW_MERGE_RATE)}})
-    try:
-        for args in (["add", "host", NAS, "appliance=nas"],
-                     ["add", "host", FAST, "appliance=vm-container"],
-                     ["add", "host", SLOW, "appliance=vm-container"],
-                     ["set", "host", "attr", NAS, "img_zpools", POOL]):
-            ok(c.rocks(*args))
-        yield c
-    finally:
-        c.stop_all()
+    yield from sync_cluster_body(tmp_path_factory, vhost, "cluster")
 
 
 def target_of(zvol: str) -> str:
@@ -186,6 +174,10 @@ def test_the_nas_misses_only_the_writes_after_the_last_pull(sync_cluster):
     after_a = wait_until("a pull after A", lambda: (lambda r: r["last_snapshot"] if (
         r["state"] == "local" and r["last_snapshot"] != before_a) else None)(nas_row(c, zvol)),
         show=lambda: diagnose(c, zvol))
+    # no further pull until the NAS was read: B must be missing from it, not racing to it
+    set_zvolattr(c, zvol, "nextsync", int(time.time()) + 3600)
+    row = nas_row(c, zvol)
+    assert (row["state"], row["last_snapshot"]) == ("local", after_a), diagnose(c, zvol)
 
     b = [(MIB + 2000, rng.randbytes(3000)), (3 * MIB + 5, rng.randbytes(200000))]
     do_writes(c, host, dev, image, b)

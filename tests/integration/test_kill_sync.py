@@ -1,0 +1,208 @@
+"""Daemons killed with SIGKILL at each state of a sync map: nothing is lost.
+
+A NAS or a VM-container daemon is killed while its zvol is in one state of
+the copy, the merge, a periodic pull or the unmap, then started again.  The
+simulated kernel keeps running meanwhile (the VM goes on writing through its
+device), as a real one would.  Every test ends with an unmap and checks that
+the NAS holds every byte the VM wrote.  Transfers cut short must resume where
+they stopped, which the NAS's log says in so many words.
+"""
+from __future__ import annotations
+
+import random
+import re
+import signal
+import subprocess
+
+import pika
+import pytest
+
+from imgstorage.simcluster import ENTRY, PYTHON
+
+from .sync_helpers import (FAST, KIB, MIB, NAS, REGION, SLOW, Image, assert_container_clean,
+                           assert_nas_holds, diagnose, do_writes, nas_row, phase_writes,
+                           prepare_zvol, read, set_zvolattr, sim, storagedev, sync_map, unmap,
+                           sync_cluster_body, vm_state, wait_dev_status, wait_display,
+                           wait_nas_state, wait_until, write_between_pulls)
+
+BASE = 3 * MIB
+
+
+@pytest.fixture(scope="module")
+def kc(tmp_path_factory, vhost):
+    yield from sync_cluster_body(tmp_path_factory, vhost, "kill")
+
+
+def kill(c, node: str) -> None:
+    assert c.stop(node, sig=signal.SIGKILL) == -signal.SIGKILL
+
+
+def log_of(c, node: str) -> str:
+    return c.log_path(node).read_text(errors="replace")
+
+
+def byte_counts(c, pattern: str):
+    """The numbers a NAS log line matching ``pattern`` (one group) carries, in order."""
+    return [int(m.group(1)) for m in re.finditer(pattern, log_of(c, NAS))]
+
+
+def finish(c, zvol: str, host: str, image: Image, tail: bytes) -> None:
+    unmap(c, zvol)
+    wait_nas_state(c, zvol, "unmapped")
+    assert nas_row(c, zvol)["last_error"] is None, diagnose(c, zvol)
+    assert_nas_holds(c, zvol, image, tail)
+    assert_container_clean(c, host, zvol)
+
+
+# ------------------------------------------------------------------ copy
+@pytest.mark.parametrize("victim", ["nas", "container"])
+def test_a_copy_cut_by_a_killed_daemon_resumes_where_it_stopped(kc, victim):
+    c, zvol, host = kc, f"kill-copy-{victim}", FAST
+    node = NAS if victim == "nas" else host
+    rng = random.Random(zvol)
+    image, tail = prepare_zvol(c, zvol, host, BASE, seed=11)
+    set_zvolattr(c, zvol, "uploadspeed", 400000)           # about 8 s for the base
+    dev = sync_map(c, zvol, host)
+    do_writes(c, host, dev, image, phase_writes(rng, 4, zeros=True))
+    wait_display(c, zvol, "NAS->VM", min_progress=30)
+    kill(c, node)
+    if victim == "container":
+        # the kernel (and the VM on it) carries on without the daemon
+        do_writes(c, host, dev, image, phase_writes(rng, 4, zeros=True))
+    c.start([node])
+    wait_nas_state(c, zvol, "merging", "local", timeout=90)
+    started = byte_counts(c, rf"NAS->VM copy of {zvol} to \S+ started \((\d+) bytes")
+    resumed = byte_counts(c, rf"NAS->VM copy of {zvol} to \S+ resumed \((\d+) bytes left")
+    assert len(started) == 1 and resumed, (started, resumed)
+    assert 0 < resumed[0] < 0.75 * started[0], (started, resumed)
+    wait_nas_state(c, zvol, "local")
+    do_writes(c, host, dev, image, phase_writes(rng, 4, zeros=True))
+    assert read(c, host, dev, 0, REGION) == image.bytes()
+    finish(c, zvol, host, image, tail)
+
+
+# ----------------------------------------------------------------- merge
+def test_a_container_killed_while_merging_finishes_the_merge(kc):
+    c, zvol, host = kc, "kill-merge-vm", SLOW
+    rng = random.Random(zvol)
+    image, tail = prepare_zvol(c, zvol, host, 256 * KIB, seed=12)
+    set_zvolattr(c, zvol, "uploadspeed", 300000)
+    dev = sync_map(c, zvol, host)
+    do_writes(c, host, dev, image, phase_writes(rng, 4, big=MIB, zeros=True))
+    wait_dev_status(c, host, zvol, "snapshot-merge")
+    kill(c, host)
+    do_writes(c, host, dev, image, phase_writes(rng, 4, zeros=True))
+    c.start([host])
+    wait_dev_status(c, host, zvol, "linear", timeout=90)
+    wait_nas_state(c, zvol, "local")
+    assert read(c, host, dev, 0, REGION) == image.bytes()
+    finish(c, zvol, host, image, tail)
+
+
+def purge_queue(c, node: str) -> int:
+    """Throw away what waits in ``node``'s queue: the reports it would have read."""
+    params = pika.URLParameters(c.broker)
+    with pika.BlockingConnection(params) as conn:
+        ch = conn.channel()
+        return ch.queue_purge(node).method.message_count
+
+
+def test_a_merge_report_lost_while_the_nas_was_down_is_noticed(kc):
+    c, zvol, host = kc, "kill-merge-nas", SLOW
+    rng = random.Random(zvol)
+    image, tail = prepare_zvol(c, zvol, host, 256 * KIB, seed=13)
+    dev = sync_map(c, zvol, host)
+    do_writes(c, host, dev, image, phase_writes(rng, 4, big=MIB // 2, zeros=True))
+    wait_nas_state(c, zvol, "merging")
+    kill(c, NAS)
+    wait_until("the container's merge done", lambda: vm_state(c, host, zvol) == "local",
+               timeout=90, show=lambda: diagnose(c, zvol))
+    assert purge_queue(c, NAS) >= 1                  # the report, never to be read
+    c.start([NAS])
+    wait_nas_state(c, zvol, "local")
+    assert f"zvol {zvol}: {host} finished merging but its report never arrived" in log_of(c, NAS)
+    do_writes(c, host, dev, image, phase_writes(rng, 4, zeros=True))
+    finish(c, zvol, host, image, tail)
+
+
+# ------------------------------------------------------------ periodic pull
+@pytest.mark.parametrize("victim", ["nas", "container"])
+def test_a_periodic_pull_cut_by_a_killed_daemon_resumes(kc, victim):
+    c, zvol, host = kc, f"kill-pull-{victim}", FAST
+    node = NAS if victim == "nas" else host
+    rng = random.Random(zvol)
+    image, tail = prepare_zvol(c, zvol, host, 256 * KIB, seed=14)
+    set_zvolattr(c, zvol, "frequency", 2)
+    set_zvolattr(c, zvol, "downloadspeed", 800000)
+    dev = sync_map(c, zvol, host)
+    wait_nas_state(c, zvol, "local", "pulling")
+    # more than the sender's socket buffer (4 MiB here) can hold beyond what the NAS read,
+    # so a killed sender really cuts the stream
+    write_between_pulls(c, zvol, host, dev, image, [(0, rng.randbytes(REGION))])
+    wait_display(c, zvol, "NAS<-VM sched", min_progress=5)
+    kill(c, node)
+    do_writes(c, host, dev, image, phase_writes(rng, 4, zeros=True))
+    c.start([node])
+    wait_until("a resumed pull", lambda: re.search(
+        rf"periodic NAS<-VM sync of {zvol} resumed", log_of(c, NAS)), timeout=60,
+        show=lambda: diagnose(c, zvol))
+    finish(c, zvol, host, image, tail)
+
+
+# ------------------------------------------------------------------ unmap
+@pytest.mark.parametrize("victim", ["nas", "container"])
+def test_a_final_pull_cut_by_a_killed_daemon_completes(kc, victim):
+    c, zvol, host = kc, f"kill-final-{victim}", FAST
+    node = NAS if victim == "nas" else host
+    rng = random.Random(zvol)
+    image, tail = prepare_zvol(c, zvol, host, 256 * KIB, seed=15)
+    set_zvolattr(c, zvol, "frequency", 3600)
+    dev = sync_map(c, zvol, host)
+    wait_nas_state(c, zvol, "local")
+    do_writes(c, host, dev, image, [(0, rng.randbytes(REGION))] + phase_writes(rng, 4))
+    unmap(c, zvol)                                   # answers at once; the pull follows
+    wait_until(f"{zvol} in final_pull", lambda: nas_row(c, zvol)["state"] in ("final_pull",
+                                                                              "unmapped"))
+    kill(c, node)
+    c.start([node])
+    wait_nas_state(c, zvol, "unmapped", timeout=90)
+    assert nas_row(c, zvol)["last_error"] is None, diagnose(c, zvol)
+    assert_nas_holds(c, zvol, image, tail)
+    assert_container_clean(c, host, zvol)
+
+
+def start_unmap(c, zvol: str, timeout: int) -> subprocess.Popen:
+    return subprocess.Popen([PYTHON, "-c", ENTRY["rocks"], "remove", "host", "storagemap", NAS,
+                             zvol, f"timeout={timeout}"], env=c.env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+
+
+@pytest.mark.parametrize("victim", ["nas", "container"])
+def test_an_unmap_cut_by_a_killed_daemon_is_finished_by_asking_again(kc, victim):
+    """The VM's writes still in the container's temp-write zvol are flushing back into
+    the NAS disk (slowly) when a daemon dies; the operator's second unmap finishes."""
+    c, zvol, host = kc, f"kill-unmap-{victim}", SLOW
+    node = NAS if victim == "nas" else host
+    rng = random.Random(zvol)
+    image, tail = prepare_zvol(c, zvol, host, BASE, seed=16)
+    set_zvolattr(c, zvol, "uploadspeed", 50000)        # the copy never gets far
+    dev = sync_map(c, zvol, host)
+    do_writes(c, host, dev, image, phase_writes(rng, 4, big=MIB // 2, zeros=True))
+    waiting = start_unmap(c, zvol, timeout=8)
+    wait_until(f"{zvol} flushing on {host}", lambda: vm_state(c, host, zvol) == "flushing",
+               show=lambda: diagnose(c, zvol))
+    assert nas_row(c, zvol)["state"] == "unmapping"
+    kill(c, node)
+    _out, err = waiting.communicate(timeout=60)
+    assert waiting.returncode != 0 and b"Traceback" not in err, err
+    assert len(err.decode().strip().splitlines()) == 1, err
+    c.start([node])
+    # the NAS is back where the unmap began; nothing was destroyed
+    wait_nas_state(c, zvol, "uploading")
+    wait_until("the unmap to go through", lambda: start_unmap(c, zvol, timeout=30).wait() == 0,
+               timeout=120, interval=1.0, show=lambda: diagnose(c, zvol))
+    wait_nas_state(c, zvol, "unmapped")
+    assert_nas_holds(c, zvol, image, tail)
+    assert_container_clean(c, host, zvol)
+    assert storagedev(c, host).get(zvol) is None
+    assert sim(c, host, "zfs", "list", "--host", host).returncode == 0
