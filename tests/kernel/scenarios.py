@@ -16,7 +16,7 @@ import re
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
-from cluster import CONTAINER, NAS, POOL, KernelCluster
+from cluster import CONTAINER, DAEMON, NAS, POOL, KernelCluster
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -752,6 +752,65 @@ print("ok")
 """
 
 
+def _progress(c: KernelCluster, zvol: str, shown: str) -> float:
+    row = storagemap(c).get(zvol) or {}
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)%", str(row.get("progress") or ""))
+    return float(m.group(1)) if m and row.get("state") == shown else 0.0
+
+
+def _kill_nas_daemon(c: KernelCluster) -> None:
+    """SIGKILL to the NAS daemon and its children (zfs send/receive), as a crash would."""
+    c.nas.sh("systemctl", "kill", "--signal=KILL", DAEMON["nas"])
+    wait_until("the NAS daemon gone", lambda: c.nas.result(
+        "systemctl", "is-active", "--quiet", DAEMON["nas"])["rc"] != 0, timeout=60)
+
+
+def _nas_log(c: KernelCluster) -> str:
+    return c.nas.sh("cat", f"/var/log/imgstorage/{DAEMON['nas']}.log")
+
+
+def kill_and_resume(c: KernelCluster, note: Callable[[str], None]) -> None:
+    """The NAS daemon killed mid-copy and mid-pull: restarted, it resumes both from the
+    receiver's token (zfs receive -s / zfs send -t) and the NAS ends with every byte."""
+    zvol = "kkill"
+    image = prepare(c, zvol, 61)
+    c.ok("set", "host", "zvolattr", NAS, zvol, "downloadspeed", "2000000")
+    device = _throttled_sync_map(c, zvol, 2_000_000, 5)
+    g = c.container
+    wait_until("the copy a quarter done", lambda: _progress(c, zvol, "NAS->VM") >= 25,
+               timeout=300, interval=0.2, show=lambda: storagemap(c).get(zvol))
+    _kill_nas_daemon(c)
+    ws = scattered(62, 16, 64 * KIB, 0, 512 * MIB)          # the VM goes on meanwhile
+    g.write(device, ws)
+    image.apply(ws)
+    c.restart_daemon(c.nas)
+    wait_until("dm linear", lambda: "linear" in g.sh("dmsetup", "table", f"{zvol}-snap"),
+               timeout=600)
+    log = _nas_log(c)
+    started = [int(x) for x in re.findall(rf"copy of {zvol} to \S+ started \((\d+) bytes", log)]
+    left = [int(x) for x in re.findall(rf"copy of {zvol} to \S+ resumed \((\d+) bytes left",
+                                       log)]
+    assert len(started) == 1 and len(left) == 1 and left[0] < 0.9 * started[0], (started, left)
+    note(f"copy resumed with {left[0]} of {started[0]} bytes left")
+
+    wait_state(c, zvol, "mapped")
+    big = writes(63, [(100 * MIB, 16 * MIB)])
+    g.write(device, big)
+    image.apply(big)
+    wait_until("a pull a fifth done", lambda: _progress(c, zvol, "NAS<-VM sched") >= 20,
+               timeout=300, interval=0.2, show=lambda: storagemap(c).get(zvol))
+    _kill_nas_daemon(c)
+    c.restart_daemon(c.nas)
+    wait_until("the pull resumed", lambda: f"periodic NAS<-VM sync of {zvol} resumed"
+               in _nas_log(c), timeout=300)
+    note("pull resumed")
+    unmap_zvol(c, zvol)
+    wait_state(c, zvol, "unmapped", timeout=600)
+    assert_holds(c, c.nas, nas_device(zvol), image, "the NAS zvol after two killed transfers")
+    assert_container_clean(c, zvol)
+    remove_image(c, zvol)
+
+
 def merged_status(status: str) -> bool:
     """``0 L snapshot-merge A/T M``: done when A == M."""
     fields = status.split()
@@ -763,4 +822,4 @@ SCENARIOS = [("direct-iscsi", direct_iscsi), ("sync-mode", sync_mode),
              ("periodic-pull", periodic_pull), ("busy-device", busy_device),
              ("restart-daemons", restart_daemons), ("dm-by-hand", dm_by_hand),
              ("zfs-streams-by-hand", zfs_streams_by_hand),
-             ("zfs-resume-by-hand", zfs_resume_by_hand)]
+             ("zfs-resume-by-hand", zfs_resume_by_hand), ("kill-and-resume", kill_and_resume)]
