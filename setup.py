@@ -15,7 +15,7 @@ setup(
         "click>=8.0",
         "rtslib-fb>=2.1",
     ],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
+    extras_require={"test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6"]},
     entry_points={
         "console_scripts": [
             "img-storage-nas=imgstorage.nas.main:main",

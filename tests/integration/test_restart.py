@@ -71,3 +71,4 @@ def test_nas_killed_during_a_map_its_caller_still_waits_for_completes_it(crashy)
     assert row[:2] == ("mapped", "vm-container-0-14") and locks == []
     ok(crashy.rocks("remove", "host", "storagemap", "nas-0-0", "crashvol2"))
     assert nas_row(crashy, "crashvol2")[0][0] == "unmapped"
+

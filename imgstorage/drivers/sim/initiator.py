@@ -7,10 +7,16 @@ folder ``sim_root/<host>/``; that is why sim host names contain no dot.
 
 State: ``sim_root/<host>/iscsi/initiatorname`` (as ``/etc/iscsi/initiatorname.iscsi``)
 and ``sim_root/<host>/iscsi/sessions.json``.
+
+A real kernel attaches the disk of a new session a moment after the login
+returns; ``IMGSTORAGE_SIM_DISK_DELAY`` (seconds, default 0) makes the
+simulation do the same, so a test can act while a container waits for it.
 """
 from __future__ import annotations
 
+import os
 import string
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -22,6 +28,14 @@ NAME_PREFIX = "iqn.2005-03.org.open-iscsi:"
 DEFAULT_PORT = 3260
 _SESSIONS = "sessions.json"
 _NAME_FILE = "initiatorname"
+DISK_DELAY_ENV = "IMGSTORAGE_SIM_DISK_DELAY"
+
+
+def _disk_delay() -> float:
+    try:
+        return max(0.0, float(os.environ.get(DISK_DELAY_ENV) or 0))
+    except ValueError:
+        return 0.0
 
 
 def parse_portal(portal: str) -> Tuple[str, str, int]:
@@ -137,7 +151,8 @@ class SimInitiator:
             sid = data.get("next_sid", 1)
             data["next_sid"] = sid + 1
             sessions.append({"sid": sid, "iqn": iqn, "portal": f"{host_part}:{port}",
-                             "nas": nas, "device": _disk_name(index), "initiator": me})
+                             "nas": nas, "device": _disk_name(index), "initiator": me,
+                             "disk_at": time.time() + _disk_delay()})
             state.write_json(_sessions_path(self.root, self.host), data)
 
     def logout(self, iqn: str, portal: Optional[str] = None) -> None:
@@ -154,5 +169,7 @@ class SimInitiator:
                 state.write_json(_sessions_path(self.root, self.host), data)
 
     def sessions(self) -> List[SessionInfo]:
-        return [SessionInfo(iqn=s["iqn"], portal=s["portal"], device=s["device"], sid=s["sid"])
+        now = time.time()
+        return [SessionInfo(iqn=s["iqn"], portal=s["portal"], sid=s["sid"],
+                            device=s["device"] if s.get("disk_at", 0) <= now else None)
                 for s in sorted(read_sessions(self.root, self.host), key=lambda s: s["sid"])]
