@@ -28,6 +28,7 @@ from .store import NasStore
 
 log = logging.getLogger(__name__)
 
+RECOVERY_TIMEOUT = 5.0     # seconds a starting daemon waits for a container's answer
 RpcFactory = Callable[[], ContextManager[RpcClient]]
 
 
@@ -260,9 +261,10 @@ class NasService:
 
         Locks of a process that is gone are released; a map that never
         answered is rolled back (its caller has long stopped waiting); an unmap
-        returns to where it started (the operator asks again); a delete is
-        finished when the zvol is already gone.  Transfers need nothing here:
-        the scheduler derives them from the states.
+        is finished when the container finished its part, else it returns to
+        where it started (the operator asks again); a delete is finished when
+        the zvol is already gone.  Transfers need nothing here: the scheduler
+        derives them from the states and resumes them.
         """
         for lock in self.store.locks():
             if lock.pid != os.getpid():
@@ -280,10 +282,7 @@ class NasService:
                     if row.remotehost:
                         self._release_remote(row)
                 elif row.state == State.UNMAPPING.value:
-                    log.warning("zvol %s was being unmapped when the daemon stopped: it is %s "
-                                "again; unmap it again", row.zvol, row.prior_state)
-                    self.store.transition(row.zvol, Event.FAILED,
-                                          last_error="unmap interrupted by a daemon restart")
+                    self._recover_unmap(row)
                 elif row.state == State.DELETING.value:
                     if self.drivers.zfs.get_zvol(row.zpool, row.zvol) is None:
                         self.store.transition(row.zvol, Event.DELETED)
@@ -291,6 +290,54 @@ class NasService:
                         self.store.transition(row.zvol, Event.FAILED)
             except ImgStorageError as exc:
                 log.error("could not recover zvol %s (%s): %s", row.zvol, row.state, exc)
+
+    def _recover_unmap(self, row) -> None:
+        """An unmap the daemon died in: finish it if the container finished its part.
+
+        The container answers where it is: it let go of a disk whose writes
+        are all on the NAS (nothing left there), or it holds its copy for the
+        final pull (``detached_local``).  In any other case (still flushing,
+        unreachable) the zvol returns to its prior state and the operator
+        unmaps again, which the container then finishes.
+        """
+        there = self._container_state(row)
+        if there == "detached_local":
+            log.warning("zvol %s was being unmapped when the daemon stopped; %s already let go "
+                        "of the device: the final pull follows", row.zvol, row.remotehost)
+            self._delete_target(row.iscsi_target)
+            self.store.transition(row.zvol, Event.DETACHED_LOCAL, iscsi_target=None,
+                                  retry_at=None, failures=0, last_error=None)
+        elif there is None and row.prior_state in (State.MAPPED.value, State.UPLOADING.value):
+            log.warning("zvol %s was being unmapped when the daemon stopped; %s had finished "
+                        "(its writes are on the NAS): unmapped", row.zvol, row.remotehost)
+            self._delete_target(row.iscsi_target)
+            self.store.transition(row.zvol, Event.DETACHED, remotehost=None, remotepool=None,
+                                  iscsi_target=None, bdev=None, initiator=None, chap_user=None,
+                                  chap_secret=None, transfer_snapshot=None, last_error=None)
+        else:
+            log.warning("zvol %s was being unmapped when the daemon stopped (%s says %s): it "
+                        "is %s again; unmap it again", row.zvol, row.remotehost,
+                        there or "nothing", row.prior_state)
+            self.store.transition(row.zvol, Event.FAILED,
+                                  last_error="unmap interrupted by a daemon restart")
+
+    def _container_state(self, row) -> Optional[str]:
+        """The container's own state of ``row``'s zvol; None: it has nothing of it."""
+        if not row.remotehost:
+            return None
+        try:
+            body = self.remote(row.remotehost, {"action": "list_dev"},
+                               RECOVERY_TIMEOUT).get("body") or {}
+        except ImgStorageError as exc:
+            return f"unreachable ({exc})"
+        entry = body.get(row.zvol) if isinstance(body, dict) else None
+        if not isinstance(entry, dict):
+            return None
+        return str(entry.get("state") or "unknown")
+
+    def _delete_target(self, target: Optional[str]) -> None:
+        if target and any(t.iqn == target for t in self.drivers.target.list_targets()):
+            self.drivers.target.delete_target(target)
 
     def _release_remote(self, row) -> None:
         """Best effort: the container may have attached before we stopped."""
