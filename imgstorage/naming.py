@@ -22,7 +22,7 @@ _POOL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.:-]*\Z")
 _HOST_RE = re.compile(r"^(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                       r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z")
 _ATTR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}\Z")
-_RESUME_TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,4096}\Z")
+RESUME_TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,4096}\Z")
 _IQN_RE = re.compile(r"^iqn\.\d{4}-\d{2}\.[A-Za-z0-9.:_-]+\Z")
 _RESERVED_POOL_NAMES = {"mirror", "raidz", "raidz1", "raidz2", "raidz3", "spare", "log", "cache"}
 
@@ -92,9 +92,14 @@ def attr_value(value: Any) -> Optional[str]:
 
 
 def resume_token(value: Any) -> str:
-    """A ``zfs receive -s`` resume token, as it travels between daemons and to ``zfs send -t``."""
-    if not isinstance(value, str) or not _RESUME_TOKEN_RE.match(value):
-        raise ValidationError("invalid resume token: expected up to 4096 letters, digits, _ and -")
+    """A ``zfs receive -s`` resume token, as it travels between daemons and to ``zfs send -t``.
+
+    Checked before a token goes on any command line, so a token that came
+    over the wire can never become an option or a second word.
+    """
+    if not isinstance(value, str) or not RESUME_TOKEN_RE.match(value):
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        raise ValidationError(f"invalid zfs resume token {shown}")
     return value
 
 

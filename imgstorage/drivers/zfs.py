@@ -35,13 +35,13 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import subprocess
 import tempfile
 import threading
 import time
 from typing import Any, Callable, List, Optional, Sequence
 
+from .. import naming
 from ..errors import CommandError, DriverError, NotFoundError, ValidationError
 from ..runner import Runner
 from .base import HOLD_TAG, ByteSink, ByteSource, ZvolInfo
@@ -67,7 +67,6 @@ STDERR_TAIL = 64 * 1024
 # What ``zfs get receive_resume_token`` prints: a version, a checksum and a
 # length in hex, then the compressed token in hex, joined by dashes.  Nothing
 # else may travel as a token: it goes on a command line, locally and over ssh.
-_RESUME_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,4096}")
 
 
 def _missing(stderr: str) -> bool:
@@ -92,17 +91,9 @@ def _missing_line(stderr: str) -> str:
     return _last_line(stderr)
 
 
-def check_resume_token(token: object) -> str:
-    """``token`` if it has the shape of a receive resume token, else ValidationError.
-
-    Checked before a token goes on any command line, here and in the ssh
-    transport, so a token that came over the wire can never become an
-    option or a second word.
-    """
-    if not isinstance(token, str) or not _RESUME_TOKEN.fullmatch(token):
-        shown = repr(token) if len(repr(token)) <= 80 else repr(token)[:77] + "..."
-        raise ValidationError(f"invalid zfs resume token {shown}")
-    return token
+# The one rule for tokens (imgstorage.naming), under the name the driver and
+# the ssh transport use before a token goes on a command line.
+check_resume_token = naming.resume_token
 
 
 def _check_tag(tag: str) -> str:

@@ -78,6 +78,25 @@ def hold_tag(value: Any) -> str:
     return value
 
 
+def _copy_kept(kept: Path, dest: Path, blocks, block: int) -> None:
+    """Give ``dest`` these blocks as a snapshot's ``kept`` file has them.
+
+    A block the snapshot kept is copied; one it never had to keep was a hole
+    then, so it becomes a hole in ``dest`` too.
+    """
+    held = BlockMap(kept, block)
+    src, dst = os.open(kept, os.O_RDONLY), os.open(dest, os.O_WRONLY)
+    try:
+        for b in blocks:
+            if b in held:
+                pwrite_all(dst, pread_all(src, block, b * block), b * block)
+            else:
+                punch_hole(dst, b * block, block)
+    finally:
+        os.close(src)
+        os.close(dst)
+
+
 # --------------------------------------------------------------- volumes
 @dataclass(frozen=True)
 class Snapshot:
@@ -283,17 +302,7 @@ class Volume:
         move = sorted(theirs - mine)
         if not move:
             return
-        held = BlockMap(newer.blocks, block)
-        src, dst = os.open(newer.blocks, os.O_RDONLY), os.open(older.blocks, os.O_WRONLY)
-        try:
-            for b in move:
-                if b in held:
-                    pwrite_all(dst, pread_all(src, block, b * block), b * block)
-                else:
-                    punch_hole(dst, b * block, block)
-        finally:
-            os.close(src)
-            os.close(dst)
+        _copy_kept(newer.blocks, older.blocks, move, block)
         older.changed.add(move)                           # only now do reads look there
 
     def rollback(self, name: Optional[str] = None) -> bool:
@@ -320,17 +329,7 @@ class Volume:
             if not changed:
                 return False
             volsize, block = self.geometry()
-            held = BlockMap(last.blocks, block)
-            fd, src = os.open(self.data, os.O_RDWR), os.open(last.blocks, os.O_RDONLY)
-            try:
-                for b in changed:
-                    if b in held:
-                        pwrite_all(fd, pread_all(src, block, b * block), b * block)
-                    else:
-                        punch_hole(fd, b * block, block)
-            finally:
-                os.close(fd)
-                os.close(src)
+            _copy_kept(last.blocks, self.data, changed, block)
             last.changed.clear()                          # after the data: a crash repeats it
             empty(last.blocks, volsize)
             return True
