@@ -5,9 +5,12 @@ exchange with the node name as routing key, ``mandatory`` and publisher
 confirms, so a request to a node that has no queue is returned at once
 (``no such node``) instead of vanishing.  Replies come back through RabbitMQ's
 direct reply-to pseudo-queue, so no queue is declared per call.  Each request
-carries an expiration equal to the caller's timeout and an ``x-deadline-ms``
-header: a request nobody waits for any more is dropped by the broker or, if it
-was already delivered, by the daemon before it runs.
+carries an expiration equal to the caller's timeout, an ``x-deadline-ms``
+header (wall clock) and an ``x-timeout-ms`` header (relative): a request nobody
+waits for any more is dropped by the broker or, if it was already delivered, by
+the daemon before it runs.  The receiver takes the earlier of the two deadlines,
+so a receiver whose clock runs behind the caller's never works past the point
+where the caller stopped listening.
 
 Daemons consume a durable queue named after the node.  The message callback
 only hands the message to the daemon's dispatcher; replies and acks made from
@@ -125,6 +128,7 @@ class RpcClient:
         expiration = None
         if timeout is not None:
             headers["x-deadline-ms"] = int((time.time() + timeout) * 1000)
+            headers["x-timeout-ms"] = max(1, int(timeout * 1000))
             expiration = str(max(1, int(timeout * 1000)))
         props = pika.BasicProperties(
             content_type=CONTENT_TYPE, delivery_mode=1, message_id=message_id,
@@ -201,9 +205,35 @@ class Envelope:
             return default
         return self.deadline - time.time()
 
+    def budget(self, default: float) -> float:
+        """Seconds a handler may work and still have its answer reach the caller."""
+        left = self.remaining(default)
+        return max(1.0, left - answer_margin(left))
+
     @property
     def expired(self) -> bool:
         return self.deadline is not None and time.time() > self.deadline
+
+
+def answer_margin(timeout: float) -> float:
+    """Time kept back for the answer's way home: a tenth, between 1 and 5 seconds.
+
+    A fixed second was too little on a slow node, where the reply itself, or
+    the caller's own bookkeeping, can take longer than that.
+    """
+    return min(5.0, max(1.0, 0.1 * timeout))
+
+
+def _deadline(headers: Dict[str, Any], now: float) -> Optional[float]:
+    """The caller's deadline on our clock: the earlier of its wall-clock and relative ones."""
+    found = []
+    absolute = headers.get("x-deadline-ms")
+    if isinstance(absolute, int) and not isinstance(absolute, bool):
+        found.append(absolute / 1000.0)
+    relative = headers.get("x-timeout-ms")
+    if isinstance(relative, int) and not isinstance(relative, bool) and relative > 0:
+        found.append(now + relative / 1000.0)
+    return min(found) if found else None
 
 
 class Responder:
@@ -300,12 +330,7 @@ class Consumer:
         except Exception as exc:
             self.dispatch(None, responder, str(exc))
             return
-        headers = props.headers or {}
-        deadline = headers.get("x-deadline-ms")
-        if isinstance(deadline, int) and not isinstance(deadline, bool):
-            deadline = deadline / 1000.0
-        else:
-            deadline = None
+        deadline = _deadline(props.headers or {}, time.time())
         env = Envelope(action=msg["action"], body=msg, message_id=props.message_id,
                        reply_to=props.reply_to, user_id=props.user_id, deadline=deadline,
                        redelivered=bool(method.redelivered))

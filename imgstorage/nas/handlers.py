@@ -32,13 +32,13 @@ def build(service: NasService) -> Dict[str, object]:
         sync = field(m, "sync", protocol.bool_field, required=False, default=False)
         with locked(env, zvol):
             out = service.map_zvol(zvol, zpool, remotehost, size, remotepool, sync,
-                                   env.remaining(default_timeout) - 0.5)
+                                   env.budget(default_timeout))
         return protocol.success("map_zvol", **out)
 
     def unmap_zvol(env: Envelope) -> dict:
         zvol = field(env.body, "zvol", naming.zvol_name)
         with locked(env, zvol):
-            service.unmap_zvol(zvol, max(1.0, env.remaining(default_timeout) - 0.5))
+            service.unmap_zvol(zvol, max(1.0, env.budget(default_timeout)))
         return protocol.success("unmap_zvol", zvol=zvol)
 
     def del_zvol(env: Envelope) -> dict:

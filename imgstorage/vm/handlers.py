@@ -55,7 +55,7 @@ def build(service: VmService) -> Dict[str, object]:
                 raise ValidationError("sync mode needs the volume's size")
         with service.zvol_lock(zvol):
             bdev = service.map_zvol(zvol, target, nas, sync, remotepool, chap,
-                                    env.remaining(default_timeout), volsize=volsize,
+                                    env.budget(default_timeout), volsize=volsize,
                                     nas_node=nas_node)
         return protocol.success("map_zvol", target=target, bdev=bdev, zvol=zvol)
 
@@ -63,7 +63,7 @@ def build(service: VmService) -> Dict[str, object]:
         zvol = field(env.body, "zvol", naming.zvol_name)
         target = field(env.body, "target", optional_name(naming.iqn), required=False)
         with service.zvol_lock(zvol):
-            out = service.unmap_zvol(zvol, target, env.remaining(default_timeout))
+            out = service.unmap_zvol(zvol, target, env.budget(default_timeout))
         return protocol.success("unmap_zvol", target=target, zvol=zvol, **out)
 
     def sync_zvol(env: Envelope) -> dict:

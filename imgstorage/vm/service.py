@@ -186,7 +186,7 @@ class VmService:
     # -- unmap --------------------------------------------------------------
     def unmap_zvol(self, zvol: str, target: Optional[str], timeout: float) -> Dict:
         """Let the disk go; ``{"local": True}`` when the NAS must pull our copy first."""
-        deadline = time.monotonic() + max(1.0, timeout - 1.0)
+        deadline = time.monotonic() + timeout
         row = self.row(zvol)
         if row is None:
             self._logout(target, None)

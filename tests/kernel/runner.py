@@ -23,6 +23,7 @@ sys.path.insert(0, str(HERE.parent.parent))
 
 import build_image  # noqa: E402
 from cluster import KernelCluster  # noqa: E402
+import scenarios  # noqa: E402
 from scenarios import SCENARIOS  # noqa: E402
 
 
@@ -80,6 +81,10 @@ def main() -> int:
             except Exception as exc:  # every scenario runs and reports
                 ok, why = False, f"{type(exc).__name__}: {exc}"
                 (workdir / f"{name}.traceback.txt").write_text(traceback.format_exc())
+                try:
+                    notes.append("left behind: " + (", ".join(scenarios.tidy(cluster)) or "nothing"))
+                except Exception as tidy_exc:  # the next scenario will say what is wrong
+                    notes.append(f"tidying failed: {tidy_exc}")
             took = time.monotonic() - started
             extra = f" ({'; '.join(notes)})" if notes else ""
             print(f"{'PASS' if ok else 'FAIL'} {name} {took:.1f}s{extra}"

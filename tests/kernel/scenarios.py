@@ -355,16 +355,18 @@ def busy_device(c: KernelCluster, note: Callable[[str], None]) -> None:
     wait_until("the holder", lambda: g.result("fuser", "-s", device)["rc"] == 0, timeout=60)
     c.rec(g, "blockdev/real_fuser_in_use", "fuser", "-s", device,
           note="a shell holds the iSCSI disk open, as qemu would")
-    started = time.monotonic()
-    proc = c.rocks("remove", "host", "storagemap", NAS, zvol, "timeout=20")
-    err = proc.stderr.strip()
-    assert proc.returncode != 0, f"the unmap of a held disk succeeded: {proc.stdout}"
-    assert f"device {device} of zvol {zvol} is still in use" in err \
-        and len(err.splitlines()) == 1, err
-    note(f"unmap refused after {time.monotonic() - started:.0f}s while held")
-    assert state_of(c, zvol) == "mapped", storagemap(c).get(zvol)
-    assert f"{NAS}-{zvol}" in g.sh("iscsiadm", "-m", "session"), "the session went anyway"
-    g.sh("systemctl", "stop", "kbusy-holder")
+    try:
+        started = time.monotonic()
+        proc = c.rocks("remove", "host", "storagemap", NAS, zvol, "timeout=20")
+        err = proc.stderr.strip()
+        assert proc.returncode != 0, f"the unmap of a held disk succeeded: {proc.stdout}"
+        assert f"device {device} of zvol {zvol} is still in use" in err \
+            and len(err.splitlines()) == 1, err
+        note(f"unmap refused after {time.monotonic() - started:.0f}s while held")
+        assert state_of(c, zvol) == "mapped", storagemap(c).get(zvol)
+        assert f"{NAS}-{zvol}" in g.sh("iscsiadm", "-m", "session"), "the session went anyway"
+    finally:
+        g.result("systemctl", "stop", "kbusy-holder")
     unmap_zvol(c, zvol)
     assert_container_clean(c, zvol)
     remove_image(c, zvol)
@@ -809,6 +811,25 @@ def kill_and_resume(c: KernelCluster, note: Callable[[str], None]) -> None:
     assert_holds(c, c.nas, nas_device(zvol), image, "the NAS zvol after two killed transfers")
     assert_container_clean(c, zvol)
     remove_image(c, zvol)
+
+
+def tidy(c: KernelCluster) -> List[str]:
+    """After a failed scenario: unmap and remove what it left, so the next one starts clean.
+
+    Best effort, and it says what it did; a scenario that passes leaves nothing behind.
+    """
+    done = []
+    for zvol, row in storagemap(c).items():
+        if row["state"] not in ("unmapped",):
+            c.rocks("remove", "host", "storagemap", NAS, zvol)
+            try:
+                wait_state(c, zvol, "unmapped", timeout=300)
+            except AssertionError:
+                done.append(f"{zvol} stays {state_of(c, zvol)}")
+                continue
+        proc = c.rocks("remove", "host", "storageimg", NAS, POOL, zvol)
+        done.append(f"{zvol} removed" if proc.returncode == 0 else f"{zvol} kept")
+    return done
 
 
 def merged_status(status: str) -> bool:
