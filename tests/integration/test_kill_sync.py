@@ -192,7 +192,9 @@ def test_an_unmap_cut_by_a_killed_daemon_is_finished(kc, victim):
     set_zvolattr(c, zvol, "uploadspeed", 50000)        # the copy never gets far
     dev = sync_map(c, zvol, host)
     do_writes(c, host, dev, image, phase_writes(rng, 4, big=MIB // 2, zeros=True))
-    waiting = start_unmap(c, zvol, timeout=8)
+    # The flush takes about 6 s; when the NAS comes back late, the container must finish it
+    # within the time the caller gave the unmap.
+    waiting = start_unmap(c, zvol, timeout=20 if victim == "nas-back-late" else 8)
     wait_until(f"{zvol} flushing on {host}", lambda: vm_state(c, host, zvol) == "flushing",
                show=lambda: diagnose(c, zvol))
     assert nas_row(c, zvol)["state"] == "unmapping"
