@@ -15,6 +15,11 @@ receiver for its resume token and continues from there (``zfs send -t``); it
 starts over from zero only when the sender says the token cannot be resumed
 or a resume failed twice in a row, and then the log says so.
 
+A stream that arrived whole is never sent again.  A daemon killed after the
+last byte but before its record finds the transfer's snapshot already on the
+receiving side (on its own zvol for a pull; in the container's answer to
+recv_zvol for the copy) and records it then.
+
 A zvol stays ``merging`` until its container reports the merge done.  That
 report is a one-way message, so the NAS also asks the container itself (at
 start, then every MERGE_CHECK seconds) and moves on if the report was lost.
@@ -195,10 +200,12 @@ class SyncManager:
         zfs = self.drivers.zfs
         started = time.monotonic()
         try:
+            there = self.service.remote(row.remotehost, {"action": "recv_zvol", "zvol": row.zvol})
+            if self._copy_arrived(row, there):
+                return
             snap = self._transfer_snapshot(row)
             rate = self._attr(row.zvol, "uploadspeed")
-            token = self.service.remote(row.remotehost, {"action": "recv_zvol",
-                                                         "zvol": row.zvol}).get("resume_token")
+            token = there.get("resume_token")
             if token:
                 why = ""
                 try:
@@ -226,18 +233,45 @@ class SyncManager:
                 open_source = lambda: zfs.send(row.zpool, row.zvol, snap)  # noqa: E731
             self.service.transport.upload(row, open_source, job, rate)
             self._resume_ended(row.zvol)
-            self.store.update(row.zvol, last_snapshot=snap, transfer_snapshot=None)
-            syncsnaps.settle(zfs, row.zpool, row.zvol, snap)
-            self.service.remote(row.remotehost, {"action": "sync_zvol", "zvol": row.zvol,
-                                                 "target": row.iscsi_target, "snap": snap})
-            self.store.transition(row.zvol, Event.UPLOADED, failures=0, retry_at=None,
-                                  last_error=None)
-            log.info("NAS->VM copy of %s done: %d bytes in %.1fs (%.0f B/s); container merging",
+            log.info("NAS->VM copy of %s done: %d bytes in %.1fs (%.0f B/s)",
                      row.zvol, job.progress.done, time.monotonic() - started, _average(job))
+            self._hand_over(row, snap, "snapshot")
         except TransferCancelled:
             log.info("NAS->VM copy of %s cancelled after %d bytes", row.zvol, job.progress.done)
         except (ImgStorageError, OSError) as exc:
             self._failed(row.zvol, "NAS->VM copy", exc)
+
+    def _copy_arrived(self, row, there: Dict) -> bool:
+        """Whether the container already has the whole copy; if so, go on from there.
+
+        It has when this daemon was killed after the stream arrived, or before
+        it heard the answer to sync_zvol.  Sending the copy again would fail
+        for good: a full stream cannot land on a zvol that has snapshots.
+        """
+        snap = row.transfer_snapshot
+        if snap is None or snap not in (there.get("snapshots") or []):
+            return False
+        state = str(there.get("state"))
+        log.info("NAS->VM copy of %s: %s has snapshot %s already (%s there); not sending it "
+                 "again", row.zvol, row.remotehost, snap, state)
+        self._hand_over(row, snap, state)
+        return True
+
+    def _hand_over(self, row, snap: str, there: str) -> None:
+        """The copy is on the container: it becomes the base, and the container merges."""
+        zfs = self.drivers.zfs
+        self.store.update(row.zvol, last_snapshot=snap)
+        syncsnaps.settle(zfs, row.zpool, row.zvol, snap)
+        if there in ("snapshot", "merging"):
+            self.service.remote(row.remotehost, {"action": "sync_zvol", "zvol": row.zvol,
+                                                 "target": row.iscsi_target, "snap": snap})
+        # transfer_snapshot is cleared only now: until the container merges, a
+        # restarted daemon must still recognise the copy as this one.
+        self.store.transition(row.zvol, Event.UPLOADED, transfer_snapshot=None, failures=0,
+                              retry_at=None, last_error=None)
+        log.info("zvol %s: the container merges the VM's writes into the copy", row.zvol)
+        if there == "local":
+            self.service.zvol_synced(row.zvol, True, None)
 
     def _check_merge(self, job: Job) -> None:
         """Ask the container how the merge goes, in case its report never arrived."""
@@ -283,6 +317,7 @@ class SyncManager:
         """One stream from the container into the NAS's zvol; whether it was a resumed one."""
         zfs = self.drivers.zfs
         started = time.monotonic()
+        row = self._pull_arrived(row, what)
         request = self._pull_request(row)
         resumed = "resume_token" in request
         if resumed:
@@ -306,6 +341,22 @@ class SyncManager:
                           retry_at=None, last_error=None)
         syncsnaps.settle(zfs, row.zpool, row.zvol, snap)
         return resumed
+
+    def _pull_arrived(self, row, what: str):
+        """Record a pull that arrived whole before this daemon was killed; the row now.
+
+        Without this the next pull would start from the older base and the
+        receive would refuse it for good: the zvol's newest snapshot is not it.
+        """
+        snap = row.transfer_snapshot
+        zfs = self.drivers.zfs
+        if snap is None or snap not in zfs.list_snapshots(row.zpool, row.zvol):
+            return row
+        log.info("%s of %s: snapshot %s had arrived whole before the daemon stopped", what,
+                 row.zvol, snap)
+        self.store.update(row.zvol, last_snapshot=snap, transfer_snapshot=None)
+        syncsnaps.settle(zfs, row.zpool, row.zvol, snap)
+        return self.store.get(row.zvol)
 
     def _pull(self, job: Job, final: bool) -> None:
         row = self.store.get(job.zvol)

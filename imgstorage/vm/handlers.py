@@ -74,13 +74,15 @@ def build(service: VmService) -> Dict[str, object]:
         return protocol.success("sync_zvol", zvol=zvol, merging=True)
 
     def recv_zvol(env: Envelope) -> dict:
-        """Without ``token``: how a receive would start (our resume token, if any);
-        with ``restart``: the partial state is thrown away first; with ``token``:
+        """Without ``token``: where the copy stands here (state, resume token and the
+        snapshots that arrived whole); with ``restart``: the partial state is thrown away first; with ``token``:
         the one-time endpoint the NAS streams into."""
         zvol = field(env.body, "zvol", naming.zvol_name)
         token = field(env.body, "token", _token, required=False)
         restart = field(env.body, "restart", protocol.bool_field, required=False, default=False)
         with service.zvol_lock(zvol):
+            if not (token or restart):
+                return protocol.success("recv_zvol", **service.receive_state(zvol))
             row = service.require(zvol, "snapshot")
             if restart:
                 zfs.abort_resume(row.remotepool, zvol)

@@ -292,6 +292,22 @@ class VmService:
             raise StateError(f"zvol {zvol} is {row.state} on {self.config.name}")
         return row
 
+    def receive_state(self, zvol: str) -> Dict:
+        """Where the NAS->VM copy of ``zvol`` stands here, for a NAS that lost track of it.
+
+        A NAS killed after the stream arrived, or before it heard the answer to
+        sync_zvol, learns from this that the copy is complete (its snapshot is
+        here) or already merging, instead of sending it all again over a zvol
+        that now has snapshots.
+        """
+        row = self.require(zvol)
+        zfs = self.drivers.zfs
+        snaps = [] if zfs.get_zvol(row.remotepool, zvol) is None else [
+            s for s in zfs.list_snapshots(row.remotepool, zvol)
+            if s.startswith(syncsnaps.SNAP_PREFIX)]
+        return {"zvol": zvol, "state": row.state, "snapshots": snaps,
+                "resume_token": zfs.resume_token(row.remotepool, zvol)}
+
     def start_merge(self, zvol: str, snap: Optional[str] = None) -> None:
         """The copy arrived: merge the VM's writes into it.
 
