@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import signal
 import sqlite3
 import statistics
 import time
@@ -377,3 +378,47 @@ def measure_transfer(cluster, zvol: str, shown: str,
         rates.append(rate_of(row.get("rate")))
         time.sleep(0.05)
     raise AssertionError(f"{zvol} still {shown} after {timeout:g} s: {diagnose(cluster, zvol)!r}")
+
+
+# ------------------------------------------------------- switch and unmap
+def target_of(zvol: str) -> str:
+    return f"iqn.2001-04.com.{NAS}-{zvol}"
+
+
+def wait_local(c, host: str, zvol: str) -> None:
+    """The switch is done: dm linear on the container, the NAS no longer exports the zvol."""
+    wait_dev_status(c, host, zvol, "linear")
+    wait_nas_state(c, zvol, "local")
+    row = storagemap(c)[zvol]
+    # with a short frequency a periodic pull may already be running
+    assert row["state"] in ("mapped", "NAS<-VM sched"), row
+    assert (row["host"], row["target"]) == (host, None), row
+    assert target_of(zvol) not in read_targets(c.sim_root, NAS)
+    assert target_of(zvol) not in ok(sim(c, host, "iscsi", "sessions", "--host", host))
+    names = zfs_names(c, host)
+    assert f"{POOL}/{zvol}" in names and f"{POOL}/{zvol}-temp-write" not in names, names
+
+
+def unmap_and_check(c, host: str, zvol: str, image: Image, tail: bytes,
+                    final_pull: bool = True) -> None:
+    """Unmap; the container's copy comes home with a final pull, or (``final_pull`` false)
+    the VM's writes went into the NAS disk through iSCSI before the unmap answered."""
+    before = nas_row(c, zvol)["last_snapshot"]
+    unmap(c, zvol)
+    if not final_pull:
+        assert nas_state(c, zvol) == "unmapped", diagnose(c, zvol)
+    wait_nas_state(c, zvol, "unmapped")
+    if final_pull:
+        assert nas_row(c, zvol)["last_snapshot"] not in (None, before), diagnose(c, zvol)
+    assert nas_row(c, zvol)["last_error"] is None, diagnose(c, zvol)
+    assert_nas_holds(c, zvol, image, tail)
+    assert_container_clean(c, host, zvol)
+
+
+# ------------------------------------------------------------- killing
+def kill(c, node: str) -> None:
+    assert c.stop(node, sig=signal.SIGKILL) == -signal.SIGKILL
+
+
+def log_of(c, node: str) -> str:
+    return c.log_path(node).read_text(errors="replace")

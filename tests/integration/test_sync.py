@@ -13,14 +13,12 @@ import time
 
 import pytest
 
-from .conftest import ok
-from .sync_helpers import (FAST, GIB, KIB, MIB, NAS, POOL, REGION, SLOW, Image,
-                           assert_container_clean, assert_nas_holds, diagnose, do_writes,
-                           measure_transfer, median, nas_row, nas_state, phase_writes,
-                           prepare_zvol, read, read_nas, read_targets, set_zvolattr, sim,
-                           storagedev, storagemap, sync_cluster_body, sync_map, unmap, vm_state,
-                           wait_dev_status, wait_display, wait_nas_state, wait_until, write,
-                           write_between_pulls, zfs_names)
+from .sync_helpers import (FAST, GIB, KIB, MIB, POOL, REGION, SLOW, assert_container_clean,
+                           diagnose, do_writes, measure_transfer, median, nas_row, nas_state,
+                           phase_writes, prepare_zvol, read, read_nas, set_zvolattr, storagedev,
+                           sync_cluster_body, sync_map, target_of, unmap, unmap_and_check,
+                           vm_state, wait_dev_status, wait_display, wait_local, wait_nas_state,
+                           wait_until, write, write_between_pulls)
 
 BASE = 3 * MIB                  # the NAS pattern a throttled copy has to move
 
@@ -28,40 +26,6 @@ BASE = 3 * MIB                  # the NAS pattern a throttled copy has to move
 @pytest.fixture(scope="module")
 def sync_cluster(tmp_path_factory, vhost):
     yield from sync_cluster_body(tmp_path_factory, vhost, "cluster")
-
-
-def target_of(zvol: str) -> str:
-    return f"iqn.2001-04.com.{NAS}-{zvol}"
-
-
-def wait_local(c, host: str, zvol: str) -> None:
-    """The switch is done: dm linear on the container, the NAS no longer exports the zvol."""
-    wait_dev_status(c, host, zvol, "linear")
-    wait_nas_state(c, zvol, "local")
-    row = storagemap(c)[zvol]
-    # with a short frequency a periodic pull may already be running
-    assert row["state"] in ("mapped", "NAS<-VM sched"), row
-    assert (row["host"], row["target"]) == (host, None), row
-    assert target_of(zvol) not in read_targets(c.sim_root, NAS)
-    assert target_of(zvol) not in ok(sim(c, host, "iscsi", "sessions", "--host", host))
-    names = zfs_names(c, host)
-    assert f"{POOL}/{zvol}" in names and f"{POOL}/{zvol}-temp-write" not in names, names
-
-
-def unmap_and_check(c, host: str, zvol: str, image: Image, tail: bytes,
-                    final_pull: bool = True) -> None:
-    """Unmap; the container's copy comes home with a final pull, or (``final_pull`` false)
-    the VM's writes went into the NAS disk through iSCSI before the unmap answered."""
-    before = nas_row(c, zvol)["last_snapshot"]
-    unmap(c, zvol)
-    if not final_pull:
-        assert nas_state(c, zvol) == "unmapped", diagnose(c, zvol)
-    wait_nas_state(c, zvol, "unmapped")
-    if final_pull:
-        assert nas_row(c, zvol)["last_snapshot"] not in (None, before), diagnose(c, zvol)
-    assert nas_row(c, zvol)["last_error"] is None, diagnose(c, zvol)
-    assert_nas_holds(c, zvol, image, tail)
-    assert_container_clean(c, host, zvol)
 
 
 # --------------------------------------------------------------- 1
@@ -100,60 +64,6 @@ def test_writes_in_every_phase_reach_the_nas(sync_cluster):
     assert read(c, host, dev, 0, REGION) == image.bytes()
 
     unmap_and_check(c, host, zvol, image, tail)
-
-
-# --------------------------------------------------------------- 2
-@pytest.mark.parametrize("phase,host", [
-    ("start", SLOW),       # unmapped at once: the temp writes go home through iSCSI
-    ("copy", SLOW),        # the copy is cancelled, the temp writes go home through iSCSI
-    ("merge", SLOW),       # the merge finishes first, then a final pull
-    ("local", FAST),       # a final pull of the local copy
-    ("pull", FAST),        # the periodic pull is cancelled, then a final pull
-])
-def test_unmap_in_any_phase_brings_every_write_home(sync_cluster, phase, host):
-    c, zvol = sync_cluster, f"unmap-{phase}"
-    rng = random.Random(f"unmap-{phase}")
-    # a throttled copy: the first writes must land in the temp-write zvol
-    throttled = phase in ("start", "copy", "merge")
-    image, tail = prepare_zvol(c, zvol, host, BASE if throttled else 512 * KIB, seed=2)
-    if phase == "start":
-        set_zvolattr(c, zvol, "uploadspeed", 100000)
-    elif phase == "copy":
-        set_zvolattr(c, zvol, "uploadspeed", 300000)      # cancelled by the unmap anyway
-    elif phase == "merge":
-        set_zvolattr(c, zvol, "uploadspeed", 500000)
-    elif phase == "pull":
-        set_zvolattr(c, zvol, "frequency", 2)
-        set_zvolattr(c, zvol, "downloadspeed", 300000)
-    dev = sync_map(c, zvol, host)
-    do_writes(c, host, dev, image,
-              phase_writes(rng, 4, big=MIB if phase == "merge" else 64 * KIB, zeros=True))
-    if throttled:
-        assert nas_state(c, zvol) == "uploading", "the copy ended before the first writes did"
-
-    # "start": no waiting, the unmap follows at once
-    if phase == "copy":
-        wait_display(c, zvol, "NAS->VM")
-        do_writes(c, host, dev, image, phase_writes(rng, 4))
-        assert nas_state(c, zvol) == "uploading", "the copy ended before the writes did"
-    elif phase == "merge":
-        wait_dev_status(c, host, zvol, "snapshot-merge")
-        do_writes(c, host, dev, image, phase_writes(rng, 4))
-        assert vm_state(c, host, zvol) == "merging", "the merge ended before the writes did"
-    elif phase in ("local", "pull"):
-        wait_local(c, host, zvol)
-        do_writes(c, host, dev, image, phase_writes(rng, 4))
-        if phase == "pull":
-            # enough changed data that the next pull lasts seconds at 300 kB/s
-            write_between_pulls(c, zvol, host, dev, image,
-                                [(4 * MIB, rng.randbytes(MIB)), (7 * MIB + 1, rng.randbytes(999))])
-            wait_display(c, zvol, "NAS<-VM sched")
-            do_writes(c, host, dev, image, phase_writes(rng, 4, zeros=True))
-            assert nas_state(c, zvol) == "pulling", "the pull ended before the writes did"
-    if phase in ("merge", "local", "pull"):
-        assert read(c, host, dev, 0, REGION) == image.bytes()
-
-    unmap_and_check(c, host, zvol, image, tail, final_pull=phase not in ("start", "copy"))
 
 
 # --------------------------------------------------------------- 3

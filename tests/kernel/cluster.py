@@ -38,6 +38,7 @@ CONTAINER = "vm-container-0-14"
 POOL = "tank"
 NODES = {NAS: ("nas", "10.77.0.1", 1), CONTAINER: ("vm", "10.77.0.2", 2)}
 DAEMON = {"nas": "img-storage-nas", "vm": "img-storage-vm"}
+TRACE = os.environ.get("IMGSTORAGE_KERNEL_TRACE") == "1"   # each guest call and its time
 
 
 class GuestError(Exception):
@@ -127,6 +128,7 @@ class Guest:
             raise GuestError(f"{self.name}: qemu exited with status {self.proc.returncode}; "
                              f"see {self.console}")
         request = json.dumps({"op": op, **args}).encode() + b"\n"
+        started = time.monotonic()
         with socket.create_connection(("127.0.0.1", self.agent_port), timeout=timeout) as s:
             s.sendall(request)
             data = b""
@@ -137,6 +139,11 @@ class Guest:
                 data += piece
         if not data:
             raise ConnectionError(f"{self.name}: the agent closed without answering")
+        if TRACE:
+            took = time.monotonic() - started
+            what = " ".join(args.get("argv") or [str(args.get("path", ""))])
+            print(f"[trace] {took:6.2f}s {self.name} {op} {what[:120]}", file=sys.stderr,
+                  flush=True)
         reply = json.loads(data)
         if not reply.get("ok"):
             raise GuestError(f"{self.name}: {op} failed: {reply.get('error')}")
@@ -336,8 +343,13 @@ class KernelCluster:
     # -- the operator ---------------------------------------------------------
     def rocks(self, *args: str, timeout: float = 600.0) -> subprocess.CompletedProcess:
         env = dict(os.environ, IMGSTORAGE_CONF=str(self.frontend_conf))
-        return subprocess.run([PYTHON, "-c", ROCKS, *args], env=env, capture_output=True,
+        started = time.monotonic()
+        proc = subprocess.run([PYTHON, "-c", ROCKS, *args], env=env, capture_output=True,
                               text=True, timeout=timeout, cwd=str(PROJECT))
+        if TRACE:
+            print(f"[trace] {time.monotonic() - started:6.2f}s frontend rocks {' '.join(args)}",
+                  file=sys.stderr, flush=True)
+        return proc
 
     def ok(self, *args: str, timeout: float = 600.0) -> str:
         proc = self.rocks(*args, timeout=timeout)

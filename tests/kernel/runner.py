@@ -3,7 +3,9 @@
 Prints one line per scenario with its time, then ``N passed, N failed``;
 exits 0 only when every scenario passed.  The run's folder (consoles,
 daemon logs, journals, dmesg of both guests) is kept when something failed,
-or always with ``--keep``.
+or always with ``--keep``.  With IMGSTORAGE_KERNEL_TRACE=1 every call into
+a guest and every rocks command prints its time on stderr, to find where a
+scenario spends it.
 """
 from __future__ import annotations
 
