@@ -50,10 +50,10 @@ def finish(c, zvol: str, image, tail) -> None:
     assert_container_clean(c, FAST, zvol)
 
 
-def test_a_pull_received_whole_but_not_recorded_is_taken_as_the_base(lc):
-    c, zvol = lc, "lost-pull"
+def copied_and_pulled(c, zvol: str, seed: int):
+    """A sync map running from its local copy after one periodic pull; the snapshots of both."""
     rng = random.Random(zvol)
-    image, tail = prepare_zvol(c, zvol, FAST, 256 * KIB, seed=21)
+    image, tail = prepare_zvol(c, zvol, FAST, 256 * KIB, seed=seed)
     set_zvolattr(c, zvol, "frequency", 3600)
     dev = sync_map(c, zvol, FAST)
     wait_nas_state(c, zvol, "local")
@@ -63,6 +63,12 @@ def test_a_pull_received_whole_but_not_recorded_is_taken_as_the_base(lc):
     pulled = wait_until("a periodic pull", lambda: (lambda r: r["last_snapshot"] if r["state"] ==
                         "local" and r["last_snapshot"] != copied else None)(nas_row(c, zvol)),
                         show=lambda: diagnose(c, zvol))
+    return rng, image, tail, dev, copied, pulled
+
+
+def test_a_pull_received_whole_but_not_recorded_is_taken_as_the_base(lc):
+    c, zvol = lc, "lost-pull"
+    rng, image, tail, dev, copied, pulled = copied_and_pulled(c, zvol, seed=21)
     # killed while pulling, after the receive finished and before it was recorded
     rewrite_nas_row(c, zvol, state="pulling", last_snapshot=copied, transfer_snapshot=pulled)
     wait_nas_state(c, zvol, "local")
@@ -79,17 +85,7 @@ def test_a_pull_received_whole_but_not_recorded_is_taken_as_the_base(lc):
 
 def test_a_final_pull_received_whole_but_not_recorded_still_ends(lc):
     c, zvol = lc, "lost-final"
-    rng = random.Random(zvol)
-    image, tail = prepare_zvol(c, zvol, FAST, 256 * KIB, seed=22)
-    set_zvolattr(c, zvol, "frequency", 3600)
-    dev = sync_map(c, zvol, FAST)
-    wait_nas_state(c, zvol, "local")
-    copied = nas_row(c, zvol)["last_snapshot"]
-    do_writes(c, FAST, dev, image, phase_writes(rng, 4))
-    set_zvolattr(c, zvol, "nextsync", int(time.time()))
-    pulled = wait_until("a periodic pull", lambda: (lambda r: r["last_snapshot"] if r["state"] ==
-                        "local" and r["last_snapshot"] != copied else None)(nas_row(c, zvol)),
-                        show=lambda: diagnose(c, zvol))
+    rng, image, tail, dev, copied, pulled = copied_and_pulled(c, zvol, seed=22)
     do_writes(c, FAST, dev, image, phase_writes(rng, 4))
     # The unmap starts the final pull; the NAS is stopped first so that the record is
     # rewound to a final pull whose stream (the periodic one here) arrived unrecorded.
