@@ -38,7 +38,7 @@ def build(service: NasService) -> Dict[str, object]:
     def unmap_zvol(env: Envelope) -> dict:
         zvol = field(env.body, "zvol", naming.zvol_name)
         with locked(env, zvol):
-            service.unmap_zvol(zvol, max(1.0, env.budget(default_timeout)))
+            service.unmap_zvol(zvol, env.budget(default_timeout))
         return protocol.success("unmap_zvol", zvol=zvol)
 
     def del_zvol(env: Envelope) -> dict:

@@ -75,8 +75,8 @@ def build(service: VmService) -> Dict[str, object]:
 
     def recv_zvol(env: Envelope) -> dict:
         """Without ``token``: where the copy stands here (state, resume token and the
-        snapshots that arrived whole); with ``restart``: the partial state is thrown away first; with ``token``:
-        the one-time endpoint the NAS streams into."""
+        snapshots that arrived whole); with ``restart``: the partial state is thrown
+        away first; with ``token``: the one-time endpoint the NAS streams into."""
         zvol = field(env.body, "zvol", naming.zvol_name)
         token = field(env.body, "token", _token, required=False)
         restart = field(env.body, "restart", protocol.bool_field, required=False, default=False)
