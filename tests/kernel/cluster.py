@@ -312,13 +312,16 @@ class KernelCluster:
                         "from imgstorage.runner import default_runner; "
                         "print(type(make_zfs(default_runner)).__name__)").strip()
 
-    def restart_daemon(self, guest: "Guest", timeout: float = 180.0) -> None:
-        daemon = DAEMON[guest.role]
-        guest.sh("systemctl", "stop", daemon)
-        guest.sh("systemctl", "reset-failed", daemon, check=False)
-        guest.sh("systemd-run", f"--unit={daemon}", "--property=Restart=no",
-                 f"/usr/local/bin/{daemon}", "--debug")
-        self.wait_ready(guest.name, timeout)
+    def restart_daemon(self, *guests: "Guest", timeout: float = 180.0) -> None:
+        """Stop and start the daemon of each guest, all at once, then wait for each."""
+        for guest in guests:
+            daemon = DAEMON[guest.role]
+            guest.sh("systemctl", "stop", daemon)
+            guest.sh("systemctl", "reset-failed", daemon, check=False)
+            guest.sh("systemd-run", f"--unit={daemon}", "--property=Restart=no",
+                     f"/usr/local/bin/{daemon}", "--debug")
+        for guest in guests:
+            self.wait_ready(guest.name, timeout)
 
     def wait_ready(self, node: str, timeout: float) -> None:
         from imgstorage.config import from_dict
