@@ -37,9 +37,11 @@ def register(cluster) -> None:
 def registered_cluster(tmp_path_factory, vhost, name: str, **kw):
     """A fixture body: a started, registered cluster of its own, stopped afterwards."""
     c = _cluster(tmp_path_factory, vhost, name, **kw)
-    register(c)
-    yield c
-    c.stop_all()
+    try:
+        register(c)
+        yield c
+    finally:
+        c.stop_all()
 
 
 @pytest.fixture(scope="module")

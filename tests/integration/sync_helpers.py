@@ -42,18 +42,10 @@ SLOW_MERGE_RATE = 12            # chunks of 8 KiB per second: about 12 s for 1.2
 
 def sync_cluster_body(tmp_path_factory, vhost, name: str):
     """A fixture body: NAS + a slow and a fast container, registered; stopped afterwards."""
-    from .conftest import _cluster
-    c = _cluster(tmp_path_factory, vhost, name,
-                 node_env={SLOW: {"IMGSTORAGE_SIM_MERGE_RATE": str(SLOW_MERGE_RATE)}})
-    try:
-        for args in (["add", "host", NAS, "appliance=nas"],
-                     ["add", "host", FAST, "appliance=vm-container"],
-                     ["add", "host", SLOW, "appliance=vm-container"],
-                     ["set", "host", "attr", NAS, "img_zpools", POOL]):
-            ok(c.rocks(*args))
-        yield c
-    finally:
-        c.stop_all()
+    from .conftest import registered_cluster
+    yield from registered_cluster(
+        tmp_path_factory, vhost, name,
+        node_env={SLOW: {"IMGSTORAGE_SIM_MERGE_RATE": str(SLOW_MERGE_RATE)}})
 
 
 # ----------------------------------------------------------------- waiting
