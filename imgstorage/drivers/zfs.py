@@ -648,22 +648,17 @@ class ZfsCli:
     # -------------------------------------------------------------- holds
     def hold(self, pool: str, zvol: str, snap: str, tag: str = HOLD_TAG) -> None:
         """``zfs hold``; a hold with this tag already there is success."""
-        full = f"{pool}/{zvol}@{snap}"
-        argv = ["zfs", "hold", _check_tag(tag), full]
-        result = self.runner.run(argv, check=False)
-        if result.returncode != 0:
-            if "tag already exists on this dataset" in result.stderr:
-                return
-            self._snapshot_error(argv, result)
+        self._tag("hold", pool, zvol, snap, tag, "tag already exists on this dataset")
 
     def release(self, pool: str, zvol: str, snap: str, tag: str = HOLD_TAG) -> None:
         """``zfs release``; no hold with this tag is success."""
-        full = f"{pool}/{zvol}@{snap}"
-        argv = ["zfs", "release", _check_tag(tag), full]
+        self._tag("release", pool, zvol, snap, tag, "no such tag on this dataset")
+
+    def _tag(self, verb: str, pool: str, zvol: str, snap: str, tag: str, done: str) -> None:
+        """Run ``zfs hold|release``; ``done`` is how zfs says the goal was already met."""
+        argv = ["zfs", verb, _check_tag(tag), f"{pool}/{zvol}@{snap}"]
         result = self.runner.run(argv, check=False)
-        if result.returncode != 0:
-            if "no such tag on this dataset" in result.stderr:
-                return
+        if result.returncode != 0 and done not in result.stderr:
             self._snapshot_error(argv, result)
 
     def holds(self, pool: str, zvol: str, snap: str) -> List[str]:
