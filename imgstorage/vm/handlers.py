@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import re
-from typing import Dict
+import time
+from contextlib import contextmanager
+from typing import Dict, Iterator
 
 from .. import naming, protocol
 from ..drivers.base import ChapCredentials
@@ -13,6 +15,7 @@ from . import streams
 from .service import VmService
 
 QUICK = {"list_dev", "initiator_name", "ping"}
+LOCK_WAIT = 10.0          # at most this long, and a third of the budget, for a held zvol
 
 
 def _chap(value) -> ChapCredentials:
@@ -37,6 +40,14 @@ def build(service: VmService) -> Dict[str, object]:
     default_timeout = service.config.timeout
     zfs = service.drivers.zfs
 
+    @contextmanager
+    def held(env: Envelope, zvol: str) -> Iterator[float]:
+        """The zvol for this request, and the seconds left to work on it once held."""
+        budget = env.budget(default_timeout)
+        started = time.monotonic()
+        with service.zvol_lock(zvol, wait=min(LOCK_WAIT, budget / 3)):
+            yield max(1.0, budget - (time.monotonic() - started))
+
     def map_zvol(env: Envelope) -> dict:
         m = env.body
         zvol = field(m, "zvol", naming.zvol_name)
@@ -53,23 +64,23 @@ def build(service: VmService) -> Dict[str, object]:
             volsize = (size or 0) * naming.GIB or None
             if volsize is None:
                 raise ValidationError("sync mode needs the volume's size")
-        with service.zvol_lock(zvol):
+        with held(env, zvol) as budget:
             bdev = service.map_zvol(zvol, target, nas, sync, remotepool, chap,
-                                    env.budget(default_timeout), volsize=volsize,
+                                    budget, volsize=volsize,
                                     nas_node=nas_node)
         return protocol.success("map_zvol", target=target, bdev=bdev, zvol=zvol)
 
     def unmap_zvol(env: Envelope) -> dict:
         zvol = field(env.body, "zvol", naming.zvol_name)
         target = field(env.body, "target", optional_name(naming.iqn), required=False)
-        with service.zvol_lock(zvol):
-            out = service.unmap_zvol(zvol, target, env.budget(default_timeout))
+        with held(env, zvol) as budget:
+            out = service.unmap_zvol(zvol, target, budget)
         return protocol.success("unmap_zvol", target=target, zvol=zvol, **out)
 
     def sync_zvol(env: Envelope) -> dict:
         zvol = field(env.body, "zvol", naming.zvol_name)
         snap = field(env.body, "snap", optional_name(_snap), required=False)
-        with service.zvol_lock(zvol):
+        with held(env, zvol):
             service.start_merge(zvol, snap)
         return protocol.success("sync_zvol", zvol=zvol, merging=True)
 
@@ -80,7 +91,7 @@ def build(service: VmService) -> Dict[str, object]:
         zvol = field(env.body, "zvol", naming.zvol_name)
         token = field(env.body, "token", _token, required=False)
         restart = field(env.body, "restart", protocol.bool_field, required=False, default=False)
-        with service.zvol_lock(zvol):
+        with held(env, zvol):
             if not (token or restart):
                 return protocol.success("recv_zvol", **service.receive_state(zvol))
             row = service.require(zvol, "snapshot")
@@ -103,7 +114,7 @@ def build(service: VmService) -> Dict[str, object]:
         snap = field(m, "snap", _snap, required=resume is None)
         base = field(m, "base", optional_name(_snap), required=False)
         token = field(m, "token", _token, required=False)
-        with service.zvol_lock(zvol):
+        with held(env, zvol):
             row = service.require(zvol, "local", "detached_local")
             if resume:
                 size = zfs.send_resume_size(row.remotepool, zvol, resume)
@@ -120,14 +131,14 @@ def build(service: VmService) -> Dict[str, object]:
 
     def del_local(env: Envelope) -> dict:
         zvol = field(env.body, "zvol", naming.zvol_name)
-        with service.zvol_lock(zvol):
+        with held(env, zvol):
             service.del_local(zvol)
         return protocol.success("del_local", zvol=zvol)
 
     def clean_zvol(env: Envelope) -> dict:
         zvol = field(env.body, "zvol", naming.zvol_name)
         target = field(env.body, "target", optional_name(naming.iqn), required=False)
-        with service.zvol_lock(zvol):
+        with held(env, zvol):
             out = service.clean_zvol(zvol, target)
         return protocol.success("clean_zvol", zvol=zvol, **out)
 

@@ -92,15 +92,18 @@ class VmService:
                 s.delete(row)
 
     @contextmanager
-    def zvol_lock(self, zvol: str, raise_busy: bool = True) -> Iterator[bool]:
+    def zvol_lock(self, zvol: str, raise_busy: bool = True, wait: float = 0.0) -> Iterator[bool]:
         """One operation per zvol at a time, requests and the merge monitor alike.
 
-        Never waits: a request finds the zvol busy at once (BusyError); the
-        monitor is told ``False`` and looks again at its next tick.
+        Waits at most ``wait`` seconds.  A request then finds the zvol busy
+        (BusyError); the monitor, which never waits, is told ``False`` and
+        looks again at its next tick.  Requests wait a little because the
+        monitor holds a zvol for a moment when it finishes a merge, and an
+        operator's unmap arriving in that moment must not be refused.
         """
         with self._locks_guard:
             lock = self._locks.setdefault(zvol, threading.Lock())
-        got = lock.acquire(blocking=False)
+        got = lock.acquire(timeout=wait) if wait > 0 else lock.acquire(blocking=False)
         if not got and raise_busy:
             raise BusyError(f"ZVol {zvol} is busy")
         try:
