@@ -259,9 +259,7 @@ class SyncManager:
 
     def _hand_over(self, row, snap: str, there: str) -> None:
         """The copy is on the container: it becomes the base, and the container merges."""
-        zfs = self.drivers.zfs
-        self.store.update(row.zvol, last_snapshot=snap)
-        syncsnaps.settle(zfs, row.zpool, row.zvol, snap)
+        self._new_base(row, snap)
         if there in ("snapshot", "merging"):
             self.service.remote(row.remotehost, {"action": "sync_zvol", "zvol": row.zvol,
                                                  "target": row.iscsi_target, "snap": snap})
@@ -337,9 +335,8 @@ class SyncManager:
         self._resume_ended(row.zvol)
         log.info("%s of %s: %d bytes in %.1fs (%.0f B/s, estimate %s)", what, row.zvol,
                  job.progress.done, time.monotonic() - started, _average(job), size)
-        self.store.update(row.zvol, last_snapshot=snap, transfer_snapshot=None, failures=0,
-                          retry_at=None, last_error=None)
-        syncsnaps.settle(zfs, row.zpool, row.zvol, snap)
+        self._new_base(row, snap, transfer_snapshot=None, failures=0, retry_at=None,
+                       last_error=None)
         return resumed
 
     def _pull_arrived(self, row, what: str):
@@ -354,9 +351,14 @@ class SyncManager:
             return row
         log.info("%s of %s: snapshot %s had arrived whole before the daemon stopped", what,
                  row.zvol, snap)
-        self.store.update(row.zvol, last_snapshot=snap, transfer_snapshot=None)
-        syncsnaps.settle(zfs, row.zpool, row.zvol, snap)
+        self._new_base(row, snap, transfer_snapshot=None)
         return self.store.get(row.zvol)
+
+    def _new_base(self, row, snap: str, **fields) -> None:
+        """``snap`` is the base of the next incremental stream: recorded first, then the
+        older snapshots let go, so a daemon killed in between still has its base."""
+        self.store.update(row.zvol, last_snapshot=snap, **fields)
+        syncsnaps.settle(self.drivers.zfs, row.zpool, row.zvol, snap)
 
     def _pull(self, job: Job, final: bool) -> None:
         row = self.store.get(job.zvol)

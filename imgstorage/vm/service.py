@@ -103,7 +103,7 @@ class VmService:
         """
         with self._locks_guard:
             lock = self._locks.setdefault(zvol, threading.Lock())
-        got = lock.acquire(timeout=wait) if wait > 0 else lock.acquire(blocking=False)
+        got = lock.acquire(timeout=max(0.0, wait))
         if not got and raise_busy:
             raise BusyError(f"ZVol {zvol} is busy")
         try:
