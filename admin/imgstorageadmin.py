@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Set, TextIO, Tuple
 
-from sqlalchemy import ColumnElement, Engine, delete, inspect, select
+from sqlalchemy import ColumnElement, Engine, inspect, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -50,7 +50,11 @@ from imgstorage.drivers.base import DmStatus, SessionInfo, TargetInfo
 from imgstorage.errors import ImgStorageError
 from imgstorage.nas import models as nas_models
 from imgstorage.nas.states import SYNC_ACTIVE, State
+from imgstorage.nas.store import NasStore
 from imgstorage.vm import models as vm_models
+from imgstorage.vm import states as vm_states
+from imgstorage.vm.states import Event as VmEvent
+from imgstorage.vm.store import VmStore
 from imgstorage.vm.sync import dm_name, temp_name
 
 PROG = "imgstorageadmin"
@@ -66,9 +70,9 @@ GENERAL_WARNING = (
     "sync it back to the NAS first if you need it.")
 
 # Container row states in which the local zvols hold writes the NAS may not have.
-VM_COPY_STATES = {"snapshot", "flushing", "merging", "local", "detached_local"}
+VM_COPY_STATES = {s.value for s in vm_states.HOLDS_COPY}
 # Container row states in which the temp-write zvol holds writes not merged anywhere yet.
-VM_TEMP_STATES = {"snapshot", "flushing", "merging"}
+VM_TEMP_STATES = {s.value for s in vm_states.HOLDS_TEMP}
 
 
 class AdminError(ImgStorageError):
@@ -419,11 +423,12 @@ class VmAdmin(RoleAdmin):
         return f"destroyed {dataset}{tail}"
 
     def _forget(self, condition: ColumnElement[bool]) -> List[str]:
-        """Delete the container records matching ``condition``; their names."""
-        with self.session() as s, s.begin():
+        """Forget the container records matching ``condition``; their names."""
+        with self.session() as s:
             names = list(s.scalars(select(vm_models.VmZvol.zvol).where(condition)))
-            if names:
-                s.execute(delete(vm_models.VmZvol).where(condition))
+        store = VmStore(self.engine)
+        for name in names:
+            store.transition(name, VmEvent.CLEANED)
         return names
 
     # -- the questions ------------------------------------------------------
@@ -558,18 +563,17 @@ class NasAdmin(RoleAdmin):
 
     def clear_mapping(self, zvol: str) -> str:
         """The zvol back to a clean ``unmapped``; its pool stays (the original lost it: B23)."""
-        with self.session() as s, s.begin():
-            row = s.get(nas_models.Zvol, zvol)
-            if row is None:
-                raise AdminError(f"no zvol {zvol} in the database of {self.config.name}")
-            before = row.state
-            row.state = State.UNMAPPED.value
-            row.prior_state = None
-            row.state_since = time.time()
-            for column in ("iscsi_target", "remotehost", "remotepool", "bdev", "initiator",
-                           "chap_user", "chap_secret", "retry_at", "last_error"):
-                setattr(row, column, None)
-            row.failures = 0
+        store = NasStore(self.engine)
+        row = store.get(zvol)
+        if row is None:
+            raise AdminError(f"no zvol {zvol} in the database of {self.config.name}")
+        before = row.state
+        if row.state == State.DELETING.value:
+            raise AdminError(f"{zvol} is being deleted; it has no mapping to remove")
+        # a pull cut short would otherwise resume into a cycle that is over
+        if self.drivers.zfs.get_zvol(row.zpool, zvol) is not None:
+            self.drivers.zfs.abort_resume(row.zpool, zvol)
+        store.clean(zvol)
         return f"{zvol}: mapping removed ({before} -> unmapped)"
 
     def unbusy(self, zvol: str) -> str:

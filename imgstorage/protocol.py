@@ -8,6 +8,7 @@ malformed or hostile message gets an error reply and changes nothing.
 from __future__ import annotations
 
 import json
+from enum import Enum
 from typing import Any, Dict, Optional
 
 from . import naming
@@ -37,6 +38,26 @@ REPLY_ACTION = {
 }
 
 ZVOL_ATTRS = ("frequency", "nextsync", "uploadspeed", "downloadspeed")
+
+
+class ContainerState(str, Enum):
+    """A zvol's state on its VM container, as ``list_dev`` and ``recv_zvol`` report it.
+
+    The NAS reads these to learn where a copy or a merge stands; both sides
+    name them from here so that the wire values are written once
+    (imgstorage/vm/states.py holds the transitions between them).
+    """
+    ATTACHING = "attaching"
+    ATTACHED = "attached"
+    DETACHING = "detaching"
+    SNAPSHOT = "snapshot"
+    MERGING = "merging"
+    SWITCHING = "switching"
+    LOCAL = "local"
+    FLUSHING = "flushing"
+    FLUSHED = "flushed"
+    DETACHED_LOCAL = "detached_local"
+    BROKEN = "broken"
 
 
 def decode(body: bytes) -> Dict[str, Any]:

@@ -246,13 +246,7 @@ class NasService:
                             "synced home are given up", zvol, row.state, row.remotehost)
             # a pull cut short would resume into a cycle that is over
             self.drivers.zfs.abort_resume(row.zpool, zvol)
-            self.store.update(zvol, state=State.UNMAPPED.value, remotehost=None,
-                              transfer_snapshot=None,
-                              remotepool=None, iscsi_target=None, bdev=None, initiator=None,
-                              chap_user=None, chap_secret=None, prior_state=None,
-                              state_since=time.time(), retry_at=None, failures=0,
-                              last_error=None)
-            log.info("zvol %s: %s -> unmapped on clean", zvol, row.state)
+            self.store.clean(zvol)
         return {"was": row.state, "remotehost": row.remotehost, "target": row.iscsi_target}
 
     # -- restart ------------------------------------------------------------

@@ -72,6 +72,7 @@ class Event(str, Enum):
     DELETE = "delete"
     DELETED = "deleted"
     FAILED = "failed"
+    CLEANED = "cleaned"
 
 
 GONE = None            # the row is removed
@@ -102,6 +103,12 @@ TRANSITIONS: Dict[Tuple[State, Event], Target] = {
     (State.DELETING, Event.DELETED): GONE,
     (State.DELETING, Event.FAILED): State.UNMAPPED,
 }
+
+# An administrator's clean (rocks clean host storagemap, imgstorageadmin) forgets a
+# mapping from any state but a delete in progress.
+for _state in State:
+    if _state is not State.DELETING:
+        TRANSITIONS[(_state, Event.CLEANED)] = State.UNMAPPED
 
 # What ``rocks list host storagemap`` shows for each state.
 DISPLAY = {

@@ -19,6 +19,12 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ATTRS = {"frequency": "300"}
 
+# The columns of a mapping, as an unmapped zvol has them.
+UNMAPPED_COLUMNS = dict(remotehost=None, remotepool=None, iscsi_target=None, bdev=None,
+                        initiator=None, chap_user=None, chap_secret=None,
+                        transfer_snapshot=None, prior_state=None, retry_at=None, failures=0,
+                        last_error=None)
+
 
 class NasStore:
     def __init__(self, engine: Engine):
@@ -110,12 +116,23 @@ class NasStore:
                 setattr(row, key, value)
             if event is Event.UNMAP:
                 row.prior_state = old
+            elif event is Event.CLEANED:
+                row.prior_state = None
             row.state = new.value
             duration = time.time() - row.state_since
             row.state_since = time.time()
             log.info("zvol %s: %s -> %s on %s (%s in %s for %.1fs)", zvol, old, new.value,
                      event.value, row.remotehost or "no host", old, duration)
             return row
+
+    def clean(self, zvol: str) -> Optional[Zvol]:
+        """Forget a zvol's mapping, from whatever state it is in, as ``unmapped``.
+
+        Everything that tied the zvol to its container goes with it,
+        including the snapshot a transfer was delivering: a later map must
+        never resume a copy or a pull of the old cycle.
+        """
+        return self.transition(zvol, Event.CLEANED, **UNMAPPED_COLUMNS)
 
     # -- attributes ---------------------------------------------------------
     def attrs(self) -> dict:

@@ -13,6 +13,7 @@ from ..messaging import Envelope
 from ..protocol import field, optional_name
 from . import streams
 from .service import VmService
+from .states import PULLABLE, RECEIVING
 
 QUICK = {"list_dev", "initiator_name", "ping"}
 LOCK_WAIT = 10.0          # at most this long, and a third of the budget, for a held zvol
@@ -94,7 +95,7 @@ def build(service: VmService) -> Dict[str, object]:
         with held(env, zvol):
             if not (token or restart):
                 return protocol.success("recv_zvol", **service.receive_state(zvol))
-            row = service.require(zvol, "snapshot")
+            row = service.require(zvol, *RECEIVING)
             if restart:
                 zfs.abort_resume(row.remotepool, zvol)
             reply = {"zvol": zvol, "resume_token": zfs.resume_token(row.remotepool, zvol)}
@@ -115,7 +116,7 @@ def build(service: VmService) -> Dict[str, object]:
         base = field(m, "base", optional_name(_snap), required=False)
         token = field(m, "token", _token, required=False)
         with held(env, zvol):
-            row = service.require(zvol, "local", "detached_local")
+            row = service.require(zvol, *PULLABLE)
             if resume:
                 size = zfs.send_resume_size(row.remotepool, zvol, resume)
                 what = f"NAS<-VM sync of {zvol} (resumed)"

@@ -1,11 +1,9 @@
 """The VM-container daemon's database: the zvols attached to this host.
 
-States of a row: ``attaching`` -> ``attached`` (direct iSCSI) or, in sync
-mode, ``snapshot`` (VM on a dm snapshot of the iSCSI disk, copy arriving) ->
-``merging`` (snapshot-merge onto the local copy) -> ``local`` (dm linear over
-the local zvol); on unmap ``flushing`` (temp writes merged back into the iSCSI
-disk, when the copy never completed) or ``detached_local`` (device removed,
-local copy kept until the NAS has pulled it); ``detaching`` while tearing down.
+A row's ``state`` is one of imgstorage/vm/states.py and is written only by
+imgstorage/vm/store.py.  A row keeps what the kernel needs to rebuild its
+device after a reboot: the target and portal, the CHAP credentials of the
+login, the pool of the local copy and the device's size.
 
 Tables are prefixed ``vm_`` so they never collide with the NAS daemon's.
 """
@@ -39,3 +37,6 @@ class VmZvol(Base):
     merge_from: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)  # sectors at start
     last_error: Mapped[Optional[str]] = mapped_column(String(1000), nullable=True)
     state_since: Mapped[float] = mapped_column(Float, default=time.time)
+    prior_state: Mapped[Optional[str]] = mapped_column(String(32), nullable=True)  # broken from
+    chap_user: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
+    chap_secret: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)

@@ -1,10 +1,10 @@
 """What a VM container does for its NAS: attach disks, hold local copies, let go.
 
-Direct iSCSI: ``attaching`` (recorded before discovery and login) ->
-``attached`` -> removed on unmap.  Sync mode adds the local copy and the dm
-device in front of it (see vm/sync.py and the row states in vm/models.py).
-A failed attach undoes itself, so the NAS's rollback never leaves a session
-or a half-built device behind.
+Every step records its state (imgstorage/vm/states.py, through the store)
+before it touches the kernel and after the kernel answered.  A failed attach
+undoes itself, so the NAS's rollback never leaves a session or a half-built
+device behind; a daemon that starts after a crash or a reboot finishes what
+was in flight and rebuilds what the kernel lost (imgstorage/vm/rebuild.py).
 """
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Dict, Iterator, List, Optional
 
-from sqlalchemy import Engine, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Engine
 
 from .. import naming, syncsnaps
 from ..config import Config
@@ -23,12 +22,15 @@ from ..drivers import NodeDrivers
 from ..drivers.base import ChapCredentials, SessionInfo
 from ..errors import BusyError, DriverError, ImgStorageError, NotFoundError, StateError
 from .models import VmZvol
+from .states import IN_SERVICE, PULLABLE, UNMAP_FROM, Event, State
+from .store import VmStore
 from .sync import ContainerSync, dm_name, merged, temp_name
 
 log = logging.getLogger(__name__)
 
 DEVICE_WAIT = 20.0        # seconds for the kernel to attach a logged-in disk
 POLL = 0.1
+LOCK_WAIT = 10.0          # a starting daemon waits this long for a zvol's lock
 
 
 def wait_for(condition: Callable[[], object], timeout: float, interval: float = POLL):
@@ -48,48 +50,22 @@ class VmService:
         self.engine = engine
         self.drivers = drivers
         self.notify = notify or (lambda node, message: None)
+        self.store = VmStore(engine)
         self._locks: Dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self.sync = ContainerSync(self)
+        from .rebuild import Rebuilder
+        self.rebuilder = Rebuilder(self)
 
     # -- rows ---------------------------------------------------------------
-    def _session(self) -> Session:
-        return Session(self.engine, expire_on_commit=False)
-
     def row(self, zvol: str) -> Optional[VmZvol]:
-        with self._session() as s:
-            return s.get(VmZvol, zvol)
+        return self.store.get(zvol)
 
-    def rows(self, state: Optional[str] = None) -> List[VmZvol]:
-        with self._session() as s:
-            q = select(VmZvol).order_by(VmZvol.zvol)
-            if state:
-                q = q.where(VmZvol.state == state)
-            return list(s.scalars(q))
+    def rows(self, *states: State) -> List[VmZvol]:
+        return self.store.all(*states)
 
     def update(self, zvol: str, **fields) -> None:
-        with self._session() as s, s.begin():
-            row = s.get(VmZvol, zvol)
-            if row is not None:
-                for k, v in fields.items():
-                    setattr(row, k, v)
-
-    def set_state(self, zvol: str, state: str, **fields) -> None:
-        with self._session() as s, s.begin():
-            row = s.get(VmZvol, zvol)
-            old = row.state
-            row.state = state
-            for k, v in fields.items():
-                setattr(row, k, v)
-            log.info("zvol %s: %s -> %s (%.1fs in %s)", zvol, old, state,
-                     time.time() - row.state_since, old)
-            row.state_since = time.time()
-
-    def _forget(self, zvol: str) -> None:
-        with self._session() as s, s.begin():
-            row = s.get(VmZvol, zvol)
-            if row is not None:
-                s.delete(row)
+        self.store.update(zvol, **fields)
 
     @contextmanager
     def zvol_lock(self, zvol: str, raise_busy: bool = True, wait: float = 0.0) -> Iterator[bool]:
@@ -149,14 +125,13 @@ class VmService:
                              "vm_container_zpool (remotepool) or default_pool")
         existing = self.row(zvol)
         if existing is not None:
-            if existing.iscsi_target == target and existing.state in ("attached", "snapshot",
-                                                                       "merging", "local"):
+            if existing.iscsi_target == target and State(existing.state) in IN_SERVICE:
                 return f"/dev/mapper/{dm_name(zvol)}" if existing.sync else existing.bdev
             raise StateError(f"zvol {zvol} is already {existing.state} on {self.config.name}")
-        with self._session() as s, s.begin():
-            s.add(VmZvol(zvol=zvol, nas=nas, iscsi_target=target, remotepool=pool if sync else None,
-                         sync=sync, state="attaching", state_since=time.time(),
-                         nas_node=nas_node or nas.split(".", 1)[0]))
+        self.store.add(zvol, nas=nas, iscsi_target=target, remotepool=pool if sync else None,
+                       sync=sync, nas_node=nas_node or nas.split(".", 1)[0],
+                       chap_user=chap.userid if chap else None,
+                       chap_secret=chap.password if chap else None)
         started = time.monotonic()
         prepared = False
         try:
@@ -166,10 +141,10 @@ class VmService:
             bdev = self._attach(target, nas, chap, timeout)
             if sync:
                 devsize = self.sync.create_snapshot_device(zvol, pool, bdev)
-                self.set_state(zvol, "snapshot", bdev=bdev, devsize=devsize)
+                self.store.transition(zvol, Event.SNAPSHOTTED, bdev=bdev, devsize=devsize)
                 result = f"/dev/mapper/{dm_name(zvol)}"
             else:
-                self.set_state(zvol, "attached", bdev=bdev)
+                self.store.transition(zvol, Event.ATTACHED, bdev=bdev)
                 result = bdev
         except Exception:
             self._undo_attach(zvol, target, nas, pool if prepared else None)
@@ -184,7 +159,7 @@ class VmService:
             self._logout(target, nas)
         except ImgStorageError as exc:
             log.error("could not undo the failed attach of %s: %s", zvol, exc)
-        self._forget(zvol)
+        self.store.transition(zvol, Event.FAILED)
 
     # -- unmap --------------------------------------------------------------
     def unmap_zvol(self, zvol: str, target: Optional[str], timeout: float) -> Dict:
@@ -194,47 +169,68 @@ class VmService:
         if row is None:
             self._logout(target, None)
             return {"local": False}
-        if row.state == "detached_local":
+        state = State(row.state)
+        if state is State.DETACHED_LOCAL:
             return {"local": True}
+        if state not in UNMAP_FROM:
+            why = f": {row.last_error}" if state is State.BROKEN and row.last_error else ""
+            raise StateError(f"zvol {zvol} is {row.state} on {self.config.name}{why}; it cannot "
+                             "be unmapped")
         device = f"/dev/mapper/{dm_name(zvol)}" if row.sync else row.bdev
-        if row.state not in ("flushing",) and device and self.drivers.blockdev.in_use(device):
+        if state in IN_SERVICE and device and self.drivers.blockdev.in_use(device):
             free = wait_for(lambda: not self.drivers.blockdev.in_use(device),
                             max(0.0, deadline - time.monotonic()), interval=0.25)
             if not free:
                 raise StateError(f"device {device} of zvol {zvol} is still in use on "
                                  f"{self.config.name}; stop the VM first")
-        if not row.sync:
-            self.set_state(zvol, "detaching")
+        if state is State.ATTACHED:
+            self.store.transition(zvol, Event.DETACH)
+            state = State.DETACHING
+        if state is State.DETACHING:
             self._logout(target or row.iscsi_target, row.nas)
-            self._forget(zvol)
+            self.store.transition(zvol, Event.DETACHED)
             log.info("detached %s", zvol)
             return {"local": False}
-        if row.state == "merging":
+        if state is State.MERGING:
             # The local merge is fast: let it finish, then hand over the local copy.
             wait_for(lambda: merged(self.sync.merge_figures(zvol)),
                      max(0.0, deadline - time.monotonic()), interval=0.1)
             if not merged(self.sync.merge_figures(zvol)):
                 raise StateError(f"zvol {zvol} is still merging on {self.config.name}; retry")
-            self.sync.finish_merge(row)
-            self.set_state(zvol, "local")
-            row = self.row(zvol)
-        if row.state == "local":
-            self.drivers.dm.remove(dm_name(zvol))
-            self.set_state(zvol, "detached_local")
+            self.store.transition(zvol, Event.MERGED)
+            state = State.SWITCHING
+        if state is State.SWITCHING:
+            self.sync.finish_switch(self.row(zvol))
+            self.store.transition(zvol, Event.SWITCHED)
+            state = State.LOCAL
+        if state is State.LOCAL:
+            if self.drivers.dm.exists(dm_name(zvol)):
+                self.drivers.dm.remove(dm_name(zvol))
+            self.store.transition(zvol, Event.RELEASE)
             return {"local": True}
-        if row.state in ("snapshot", "flushing"):
-            if row.state == "snapshot":
-                self.set_state(zvol, "flushing")
+        if state is State.SNAPSHOT:
+            self.store.transition(zvol, Event.FLUSH)
+            state = State.FLUSHING
+        if state is State.FLUSHING:
             if not self.sync.flush_to_nas(row, deadline):
                 raise StateError(f"zvol {zvol}: still writing the VM's changes back to the NAS "
                                  "disk; retry the unmap")
-            self.drivers.dm.remove(dm_name(zvol))
-            self._logout(row.iscsi_target, row.nas)
-            self.sync.discard(zvol, row.remotepool)
-            self._forget(zvol)
+            # recorded before the device goes: a crash from here on only has to tear down
+            self.store.transition(zvol, Event.FLUSHED)
+            state = State.FLUSHED
+        if state is State.FLUSHED:
+            self.finish_flushed(self.row(zvol))
             log.info("detached %s; the VM's writes went home through iSCSI", zvol)
             return {"local": False}
         raise StateError(f"zvol {zvol} is {row.state} on {self.config.name}; it cannot be unmapped")
+
+    def finish_flushed(self, row: VmZvol) -> None:
+        """Every write of the VM is on the NAS: remove the device, the session and the copies."""
+        if self.drivers.dm.exists(dm_name(row.zvol)):
+            self.drivers.dm.remove(dm_name(row.zvol))
+        self._logout(row.iscsi_target, row.nas)
+        self.sync.discard(row.zvol, row.remotepool)
+        self.store.transition(row.zvol, Event.DETACHED)
 
     # -- clean --------------------------------------------------------------
     def clean_zvol(self, zvol: str, target: Optional[str]) -> Dict:
@@ -261,37 +257,67 @@ class VmService:
                     syncsnaps.let_go(self.drivers.zfs, pool, name)
                     self.drivers.zfs.destroy(pool, name, recursive=True)
                     done.append(f"destroyed {pool}/{name}")
-        self._forget(zvol)
+        if row is not None:
+            self.store.transition(zvol, Event.CLEANED)
         log.warning("zvol %s cleaned on %s: %s", zvol, self.config.name, "; ".join(done) or
                     "nothing was left")
         return {"done": done}
 
     # -- restart ------------------------------------------------------------
     def recover(self) -> None:
-        """Roll back attaches and finish detaches that a previous run left half done.
+        """Finish or undo what a previous run left in flight, then rebuild lost devices.
 
-        Merges need nothing: the kernel kept merging and the monitor finds
-        them; ``flushing`` and ``detached_local`` wait for the NAS to ask again.
+        An attach in flight is undone (the NAS rolled its map back); a detach,
+        a switch to the local copy and the teardown after a flush are
+        finished.  Devices and sessions the kernel lost (the host rebooted)
+        are rebuilt from the rows (imgstorage/vm/rebuild.py); ``detached_local``
+        waits for the NAS to ask again.
         """
         for row in self.rows():
             try:
-                if row.state == "attaching":
-                    log.warning("zvol %s was being attached when the daemon stopped: undoing",
-                                row.zvol)
-                    self._undo_attach(row.zvol, row.iscsi_target, row.nas,
-                                      row.remotepool if row.sync else None)
-                elif row.state == "detaching":
-                    self._logout(row.iscsi_target, row.nas)
-                    self._forget(row.zvol)
+                with self.zvol_lock(row.zvol, wait=LOCK_WAIT):
+                    self._recover_row(row.zvol)
             except ImgStorageError as exc:
                 log.error("could not recover zvol %s (%s): %s", row.zvol, row.state, exc)
+                self.update(row.zvol, last_error=f"recovery: {exc}"[:1000])
+        self.rebuilder.rebuild_all()
+
+    def _recover_row(self, zvol: str) -> None:
+        row = self.row(zvol)
+        if row is None:
+            return
+        state = State(row.state)
+        if state is State.ATTACHING:
+            log.warning("zvol %s was being attached when the daemon stopped: undoing", zvol)
+            self._undo_attach(zvol, row.iscsi_target, row.nas,
+                              row.remotepool if row.sync else None)
+        elif state is State.DETACHING:
+            log.warning("zvol %s was being detached when the daemon stopped: finishing", zvol)
+            self._logout(row.iscsi_target, row.nas)
+            self.store.transition(zvol, Event.DETACHED)
+        elif state is State.FLUSHED:
+            log.warning("zvol %s: its writes were home when the daemon stopped; finishing the "
+                        "teardown", zvol)
+            self.finish_flushed(row)
+        elif state is State.MERGING:
+            status = self.drivers.dm.status(dm_name(zvol))
+            if status and status[0].target_type == "snapshot":
+                log.warning("zvol %s: the daemon stopped before its merge began; starting it",
+                            zvol)
+                self.sync.start_merge(row)
+        elif state is State.SWITCHING:
+            log.warning("zvol %s had merged when the daemon stopped; finishing the switch to "
+                        "its local copy", zvol)
+            self.sync.finish_switch(row)
+            self.store.transition(zvol, Event.SWITCHED)
+            self.sync.report_merged(row)
 
     # -- sync steps asked for by the NAS ------------------------------------
-    def require(self, zvol: str, *states: str) -> VmZvol:
+    def require(self, zvol: str, *states: State) -> VmZvol:
         row = self.row(zvol)
         if row is None:
             raise NotFoundError(f"zvol {zvol} is not attached to {self.config.name}")
-        if states and row.state not in states:
+        if states and row.state not in {st.value for st in states}:
             raise StateError(f"zvol {zvol} is {row.state} on {self.config.name}")
         return row
 
@@ -317,15 +343,21 @@ class VmService:
         ``snap`` is the NAS snapshot the copy is; it is the base of the first
         pull, so it is held here from now on.
         """
-        row = self.require(zvol, "snapshot", "merging")
+        row = self.require(zvol, State.SNAPSHOT, State.MERGING, State.SWITCHING, State.LOCAL)
         if snap:
             syncsnaps.hold_only(self.drivers.zfs, row.remotepool, zvol, {snap})
-        if row.state == "merging":
+        if row.state != State.SNAPSHOT.value:
             return
         figures = self.sync.merge_figures(zvol)
-        self.sync.start_merge(row)
-        self.set_state(zvol, "merging", merge_started=time.time(),
-                       merge_from=figures[0] if figures else None)
+        # recorded first: from the reload on, the local zvol holds merged writes, and a
+        # device rebuilt after a crash must stack on it, not on the NAS's disk
+        self.store.transition(zvol, Event.MERGE, merge_started=time.time(),
+                              merge_from=figures[0] if figures else None)
+        try:
+            self.sync.start_merge(row)
+        except ImgStorageError:
+            self.store.transition(zvol, Event.FAILED)
+            raise
         self.sync.wake()
 
     def snapshot_for_pull(self, zvol: str, snap: str, base: Optional[str]) -> int:
@@ -334,7 +366,7 @@ class VmService:
         The new snapshot is held at once (a cut pull resumes from it) and so
         is the base until the NAS asks for a stream built on something newer.
         """
-        row = self.require(zvol, "local", "detached_local")
+        row = self.require(zvol, *PULLABLE)
         zfs = self.drivers.zfs
         snaps = zfs.list_snapshots(row.remotepool, zvol)
         if base is not None and base not in snaps:
@@ -351,13 +383,13 @@ class VmService:
         row = self.row(zvol)
         if row is None:
             return
-        if row.state != "detached_local":
+        if row.state != State.DETACHED_LOCAL.value:
             raise StateError(f"zvol {zvol} is {row.state} on {self.config.name}; its copy is "
                              "still in use")
         if self.drivers.zfs.get_zvol(row.remotepool, zvol) is not None:
             syncsnaps.let_go(self.drivers.zfs, row.remotepool, zvol)
             self.drivers.zfs.destroy(row.remotepool, zvol, recursive=True)
-        self._forget(zvol)
+        self.store.transition(zvol, Event.DELETED)
         log.info("destroyed the local copy of %s: the NAS has it", zvol)
 
     # -- listing ------------------------------------------------------------
@@ -384,7 +416,7 @@ class VmService:
                 entry.update(device=snap.name, status=snap.target_type,
                              size=snap.length * naming.SECTOR // naming.GIB,
                              synced=snap.args if figures else None)
-                if figures and row.state == "merging":
+                if figures and row.state == State.MERGING.value:
                     entry["started"] = True
                     entry["time"] = row.merge_started
                     entry["synced_percent"] = _merge_percent(figures, row)

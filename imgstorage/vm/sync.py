@@ -14,6 +14,7 @@ from typing import Callable, Dict, Optional
 from .. import naming, syncsnaps
 from ..drivers.dm import linear_table, snapshot_merge_table, snapshot_table
 from ..errors import DriverError, ImgStorageError, StateError
+from .states import Event, State
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +93,29 @@ class ContainerSync:
         cow = zfs.device_path(row.remotepool, temp_name(row.zvol))
         self._reload(row.zvol, snapshot_merge_table(row.devsize, origin, cow))
 
-    def finish_merge(self, row) -> None:
-        """Merged: switch to the local copy alone and let go of the NAS."""
+    def finish_switch(self, row) -> None:
+        """Merged: switch to the local copy alone and let go of the NAS.
+
+        Safe to run again from any point (a daemon killed part-way, a host
+        rebooted): each step looks at what the kernel has before acting.
+        """
         zfs = self.drivers.zfs
-        self._reload(row.zvol, linear_table(row.devsize, zfs.device_path(row.remotepool, row.zvol)))
-        zfs.destroy(row.remotepool, temp_name(row.zvol), recursive=True)
-        if row.iscsi_target:
-            self.drivers.initiator.logout(row.iscsi_target, row.nas)
+        table = linear_table(row.devsize, zfs.device_path(row.remotepool, row.zvol))
+        status = self.drivers.dm.status(dm_name(row.zvol))
+        if not status:
+            self.drivers.dm.create(dm_name(row.zvol), table)
+        elif status[0].target_type != "linear":
+            self._reload(row.zvol, table)
+        if zfs.get_zvol(row.remotepool, temp_name(row.zvol)) is not None:
+            zfs.destroy(row.remotepool, temp_name(row.zvol), recursive=True)
+        self.svc._logout(row.iscsi_target, row.nas)
+
+    def report_merged(self, row) -> None:
+        """Tell the NAS the VM runs from its local copy (it also asks, if this is lost)."""
+        log.info("zvol %s merged in %.1fs; running from the local copy", row.zvol,
+                 time.time() - (row.merge_started or time.time()))
+        self.notify(row.nas_node, {"action": "zvol_synced", "zvol": row.zvol,
+                                   "status": "success"})
 
     def merge_figures(self, zvol: str):
         for st in self.drivers.dm.status(dm_name(zvol)):
@@ -150,28 +167,28 @@ class ContainerSync:
                 log.exception("merge monitor tick failed")
 
     def tick(self) -> None:
-        for row in self.svc.rows(state="merging"):
+        for row in self.svc.rows(State.MERGING):
             with self.svc.zvol_lock(row.zvol, raise_busy=False) as got:
                 if not got:
                     continue
                 row = self.svc.row(row.zvol)
-                if row is None or row.state != "merging":
+                if row is None or row.state != State.MERGING.value:
                     continue
                 try:
                     figures = self.merge_figures(row.zvol)
                     if not merged(figures):
                         continue
-                    self.finish_merge(row)
-                    self.svc.set_state(row.zvol, "local")
-                    log.info("zvol %s merged in %.1fs; running from the local copy", row.zvol,
-                             time.time() - (row.merge_started or time.time()))
-                    self.notify(row.nas_node, {"action": "zvol_synced", "zvol": row.zvol,
-                                               "status": "success"})
+                    # recorded before the switch: a crash from here on only has to finish it
+                    self.svc.store.transition(row.zvol, Event.MERGED)
+                    self.finish_switch(row)
+                    self.svc.store.transition(row.zvol, Event.SWITCHED)
+                    self.report_merged(row)
                 except ImgStorageError as exc:
                     log.error("zvol %s: finishing the merge failed: %s", row.zvol, exc)
                     self.svc.update(row.zvol, last_error=str(exc)[:1000])
                     self.notify(row.nas_node, {"action": "zvol_synced", "zvol": row.zvol,
                                                "status": "error", "error": str(exc)})
+        self.svc.rebuilder.retry_due()
 
 
 __all__ = ["ContainerSync", "dm_name", "temp_name", "merged", "DriverError"]

@@ -50,9 +50,18 @@ def test_sync_life_cycle_and_its_display():
 
 
 def test_a_final_pull_cannot_be_abandoned():
-    """Nothing leads from final_pull to unmapped except a pull that arrived."""
+    """Nothing leads from final_pull to unmapped except a pull that arrived, or an
+    administrator's clean (which is refused without force=true)."""
     exits = {e for (s, e) in TRANSITIONS if s is State.FINAL_PULL}
-    assert exits == {Event.PULLED}
+    assert exits == {Event.PULLED, Event.CLEANED}
+
+
+def test_an_administrators_clean_leads_every_state_but_a_delete_to_unmapped():
+    for state in State:
+        if state is State.DELETING:
+            assert (state, Event.CLEANED) not in TRANSITIONS
+        else:
+            assert next_state(state.value, Event.CLEANED) is State.UNMAPPED
 
 
 def test_every_state_is_displayed_as_the_seed_does():
