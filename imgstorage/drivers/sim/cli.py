@@ -19,7 +19,7 @@ import click
 from ... import config as node_config
 from ... import naming
 from ...errors import ImgStorageError, ValidationError
-from . import blockdev, dm, hypervisor, initiator, state, zfs
+from . import blockdev, dm, hypervisor, initiator, reboot, state, zfs
 
 PROG = "imgstorage-sim"
 _UNITS = "BKMGTPE"
@@ -264,6 +264,24 @@ def domains_cmd(ctx: click.Context, host: str) -> None:
     root = _root(ctx)
     doms = hypervisor.SimHypervisor(root).domains(_known(root, host))
     _table(["NAME", "STATE", "DISK"], [[d.name, d.state, ",".join(d.disks) or "-"] for d in doms])
+
+
+@cli.command("reboot")
+@_host_option
+@click.pass_context
+def reboot_cmd(ctx: click.Context, host: str) -> None:
+    """Reboot HOST: drop what its kernel held in memory, keep its disks.
+
+    iSCSI targets, initiator sessions, device-mapper tables and running domains
+    vanish (a daemon still running there sees its devices fail, as after a
+    crash); pools, zvols, snapshots, holds, partial resumable receives, the
+    initiator name and every byte on disk stay.  Prints one line per object
+    dropped and a summary.  Daemons of HOST are not touched: kill them first
+    for a faithful power cut.
+    """
+    root = _root(ctx)
+    for line in reboot.reboot(root, _known(root, host)).lines():
+        click.echo(line)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
