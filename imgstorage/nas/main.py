@@ -9,6 +9,7 @@ from ..db import create_schema, make_engine
 from ..drivers import node_drivers
 from . import handlers
 from .models import Base
+from .reexport import reexport_targets
 from .service import NasService
 from .store import NasStore
 
@@ -22,6 +23,7 @@ def build_daemon(cfg: Config) -> Daemon:
     store.ensure_defaults()
     service = NasService(cfg, store, node_drivers(cfg, target_kind=cfg.target))
     service.recover()
+    reexport_targets(store, service.drivers)
     return Daemon(cfg, handlers.build(service), quick_actions=handlers.QUICK,
                   background=[service.sync], restricted=handlers.MANAGEMENT)
 

@@ -128,6 +128,16 @@ DISPLAY = {
 SYNC_ACTIVE = {State.UPLOADING, State.MERGING, State.LOCAL, State.PULLING, State.FINAL_PULL}
 
 
+# States in which a container reads or writes the zvol through its iSCSI target,
+# so the row keeps ``iscsi_target`` and the target must exist: ``mapped``
+# (direct), ``uploading`` and ``merging`` (the dm snapshot's origin is the
+# iSCSI disk until the merge is done) and ``unmapping`` (the container may
+# still be merging its writes back through it).  ``local`` and ``pulling`` run
+# from the container's copy: their target was removed on ``synced``.  A NAS
+# that rebooted exports exactly these again when its daemon starts.
+TARGET_IN_USE = frozenset({State.MAPPED, State.UPLOADING, State.MERGING, State.UNMAPPING})
+
+
 def next_state(current: str, event: Event, prior: Optional[str] = None) -> Optional[State]:
     """The state after ``event``; StateError when the event is not allowed now."""
     try:
