@@ -32,8 +32,11 @@ come home:
   holds everything; the container removes the device and keeps the zvol,
   ``detached_local`` -> ``final_pull``: an incremental pull from the last
   common snapshot; only after it was received is the container's copy
-  destroyed (``pulled`` -> ``unmapped``).  A failed final pull is retried and
-  never destroys anything.
+  destroyed.  A failed final pull is retried and never destroys anything.
+  The arrival is recorded before the container is asked to destroy its copy
+  (``pulled`` -> ``releasing``), and the zvol is ``unmapped`` only once the
+  container answered (``released``): a NAS killed in between, or a lost
+  answer, asks again, and a container that has nothing left says so.
 
 A failed unmap returns to the state it started from (``prior_state``).
 """
@@ -55,6 +58,7 @@ class State(str, Enum):
     PULLING = "pulling"
     UNMAPPING = "unmapping"
     FINAL_PULL = "final_pull"
+    RELEASING = "releasing"
     DELETING = "deleting"
 
 
@@ -69,6 +73,7 @@ class Event(str, Enum):
     UNMAP = "unmap"
     DETACHED = "detached"
     DETACHED_LOCAL = "detached_local"
+    RELEASED = "released"
     DELETE = "delete"
     DELETED = "deleted"
     FAILED = "failed"
@@ -97,7 +102,8 @@ TRANSITIONS: Dict[Tuple[State, Event], Target] = {
     (State.UNMAPPING, Event.DETACHED): State.UNMAPPED,
     (State.UNMAPPING, Event.DETACHED_LOCAL): State.FINAL_PULL,
     (State.UNMAPPING, Event.FAILED): PRIOR,
-    (State.FINAL_PULL, Event.PULLED): State.UNMAPPED,
+    (State.FINAL_PULL, Event.PULLED): State.RELEASING,
+    (State.RELEASING, Event.RELEASED): State.UNMAPPED,
     (State.UNMAPPED, Event.DELETE): State.DELETING,
     (State.DELETING, Event.DELETED): GONE,
     (State.DELETING, Event.FAILED): State.UNMAPPED,
@@ -114,11 +120,35 @@ DISPLAY = {
     State.PULLING: "NAS<-VM sched",
     State.UNMAPPING: "mapped",
     State.FINAL_PULL: "NAS<-VM",
+    State.RELEASING: "NAS<-VM",
     State.DELETING: "unmapped",
 }
 
 # States in which the container holds data the NAS does not have yet.
 SYNC_ACTIVE = {State.UPLOADING, State.MERGING, State.LOCAL, State.PULLING, State.FINAL_PULL}
+
+
+def _running_from_copy() -> frozenset:
+    """The states a zvol goes through from the copy's arrival until an unmap.
+
+    Once ``uploaded``, the VM writes only into the container's copy, so in each
+    of these the container holds writes the NAS does not have, and an unmap
+    must bring them home with the final pull.
+    """
+    start = TRANSITIONS[(State.UPLOADING, Event.UPLOADED)]
+    seen, todo = {start}, [start]
+    while todo:
+        state = todo.pop()
+        for (source, event), target in TRANSITIONS.items():
+            if source is state and event is not Event.UNMAP and isinstance(target, State) \
+                    and target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return frozenset(seen)
+
+
+# States whose unmap must end in a final pull: the container's copy is ahead of the NAS.
+RUNNING_FROM_COPY = _running_from_copy()
 
 
 def next_state(current: str, event: Event, prior: Optional[str] = None) -> Optional[State]:
