@@ -124,12 +124,27 @@ class VmService:
 
     def _attach(self, target: str, nas: str, chap: Optional[ChapCredentials],
                 timeout: float) -> str:
-        found = [t.iqn for t in self.drivers.initiator.discover(nas)]
+        """Discover, log in, wait for the disk: all within ``timeout``, the map's budget.
+
+        The NAS stops waiting at the end of that budget and rolls its side
+        back; an attach that went on past it would leave a session to a
+        target that is gone.  The caller's undo cleans up after a failure.
+        """
+        deadline = time.monotonic() + timeout
+
+        def left(step: str) -> float:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DriverError(f"gave up attaching {target} before the {step}: the map's "
+                                  f"{timeout:.1f} s ran out")
+            return remaining
+
+        found = [t.iqn for t in self.drivers.initiator.discover(nas, timeout=left("discovery"))]
         if target not in found:
             raise DriverError(f"Could not find iSCSI target {target} on NAS {nas}")
-        self.drivers.initiator.login(target, nas, chap)
+        self.drivers.initiator.login(target, nas, chap, timeout=left("login"))
         session = wait_for(lambda: (lambda s: s if s and s.device else None)(
-            self._session_for(target)), min(DEVICE_WAIT, max(1.0, timeout - 1)))
+            self._session_for(target)), min(DEVICE_WAIT, left("disk")))
         if not session:
             raise DriverError(f"Not found {target} in targets: the disk did not appear")
         return f"/dev/{session.device}"
@@ -163,7 +178,7 @@ class VmService:
             if sync:
                 self.sync.prepare(zvol, pool, volsize or 0)
                 prepared = True
-            bdev = self._attach(target, nas, chap, timeout)
+            bdev = self._attach(target, nas, chap, timeout - (time.monotonic() - started))
             if sync:
                 devsize = self.sync.create_snapshot_device(zvol, pool, bdev)
                 self.set_state(zvol, "snapshot", bdev=bdev, devsize=devsize)
