@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..errors import CommandError, DriverError
-from ..runner import Runner
+from ..runner import Result, Runner
 from .base import ChapCredentials, DiscoveredTarget, SessionInfo
 
 DEFAULT_INITIATOR_FILE = "/etc/iscsi/initiatorname.iscsi"
@@ -95,16 +95,17 @@ class Iscsiadm:
                 return value.strip()
         raise DriverError(f"{self.initiator_file} has no InitiatorName= line")
 
-    def discover(self, portal: str) -> List[DiscoveredTarget]:
+    def discover(self, portal: str, timeout: Optional[float] = None) -> List[DiscoveredTarget]:
         argv = ["iscsiadm", "-m", "discovery", "-t", "sendtargets", "-p", portal]
-        result = self.runner.run(argv, check=False)
+        result = self._run(argv, timeout, f"discovery of {portal}")
         if result.returncode == ERR_NO_OBJECTS_FOUND:
             return []
         if result.returncode != 0:
             raise CommandError(argv, result.returncode, result.stderr, result.stdout)
         return parse_discovery(result.stdout)
 
-    def login(self, iqn: str, portal: str, chap: Optional[ChapCredentials] = None) -> None:
+    def login(self, iqn: str, portal: str, chap: Optional[ChapCredentials] = None,
+              timeout: Optional[float] = None) -> None:
         node = ["iscsiadm", "-m", "node", "-T", iqn, "-p", portal]
         # The node record outlives this call: always say which method to use,
         # so credentials left from an earlier mapping never leak into this one.
@@ -115,7 +116,7 @@ class Iscsiadm:
         else:
             self._update(node, "node.session.auth.authmethod", "None")
         argv = node + ["--login"]
-        result = self.runner.run(argv, check=False)
+        result = self._run(argv, timeout, f"login to {iqn} at {portal}")
         if result.returncode in (0, ERR_SESSION_EXISTS):
             return
         if result.returncode == ERR_LOGIN_AUTH_FAILED:
@@ -126,6 +127,17 @@ class Iscsiadm:
             raise DriverError(f"no iSCSI node record for {iqn} at {portal}: "
                               "discover the portal first")
         raise CommandError(argv, result.returncode, result.stderr, result.stdout)
+
+    def _run(self, argv: List[str], timeout: Optional[float], what: str) -> Result:
+        """A step that may wait on the network: bounded by what the caller has left."""
+        if timeout is None:
+            return self.runner.run(argv, check=False)
+        try:
+            return self.runner.run(argv, check=False, timeout=timeout)
+        except CommandError as exc:
+            if exc.timed_out:
+                raise DriverError(f"iSCSI {what} did not finish within {timeout:.1f} s") from None
+            raise
 
     def _update(self, node: List[str], key: str, value: str, secret: bool = False) -> None:
         argv = node + ["--op", "update", "-n", key, "-v", value]

@@ -17,6 +17,7 @@ from typing import Any, List, Optional
 
 from .. import naming, protocol
 from ..errors import ImgStorageError, ValidationError
+from ..nas.states import SYNC_ACTIVE
 from .commands_base import Arg, Invocation, Param, bool_param, command, none_or
 from .tables import Table, elapsed, percent, rate, synced
 
@@ -284,8 +285,8 @@ def clean_host_storagemap(inv: Invocation) -> None:
     if not rows:
         raise ImgStorageError(f"Unable to find volume {zvol} on nas {nas}")
     row = rows[0]
-    if row.get("state") in SYNC_STATES | {"mapped"} and row.get("lifecycle") in (
-            "uploading", "merging", "local", "pulling", "final_pull") and not force:
+    if row.get("state") in SYNC_STATES | {"mapped"} and row.get("lifecycle") in {
+            s.value for s in SYNC_ACTIVE} and not force:
         raise ImgStorageError(f"Volume {zvol} is {row.get('state')} ({row.get('lifecycle')}): "
                               f"{row.get('remotehost')} may hold writes the NAS does not have; "
                               "unmap it normally, or use force=true to give them up")

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Job:
     zvol: str
-    kind: str                                   # upload | pull | final_pull
+    kind: str                                   # upload | pull | final_pull | release | merge_check
     cancel: threading.Event = field(default_factory=threading.Event)
     progress: Progress = field(default_factory=Progress)
     started: float = field(default_factory=time.time)

@@ -20,15 +20,14 @@ from ..drivers.base import ChapCredentials
 from ..drivers.resolver import host_known, network_name
 from ..errors import ImgStorageError, NotFoundError, StateError, ValidationError
 from ..messaging import RpcClient
-from .states import Event, State, display
-
-UNMAPPABLE = {State.MAPPED.value, State.UPLOADING.value, State.MERGING.value, State.LOCAL.value,
-              State.PULLING.value}
+from ..protocol import ContainerState
+from .states import RUNNING_FROM_COPY, SYNC_ACTIVE, UNMAPPABLE, Event, State, display
 from .store import NasStore
 
 log = logging.getLogger(__name__)
 
 RECOVERY_TIMEOUT = 5.0     # seconds a starting daemon waits for a container's answer
+ROLLBACK_RELEASE_TIMEOUT = 10.0   # seconds a failed map waits for the container to let go
 RpcFactory = Callable[[], ContextManager[RpcClient]]
 
 
@@ -64,13 +63,13 @@ class NasService:
         if row is not None:
             if row.zpool != zpool:
                 raise ValidationError(f"ZVol {zvol} is in zpool {row.zpool}, not {zpool}")
-            if row.state in UNMAPPABLE:
+            if State(row.state) in UNMAPPABLE:
                 if row.remotehost == remotehost and bool(row.sync) == sync:
                     log.info("zvol %s is already mapped to %s; answering with its device",
                              zvol, remotehost)
                     return {"bdev": row.bdev, "target": row.iscsi_target}
                 raise StateError(f"Error when mapping zvol: {zvol} is already mapped to {row.remotehost}")
-            if row.state == State.FINAL_PULL.value:
+            if row.state in (State.FINAL_PULL.value, State.RELEASING.value):
                 raise StateError(f"ZVol {zvol} is still being synced home from {row.remotehost} "
                                  "(NAS<-VM); map it again when it is unmapped")
             if row.state != State.UNMAPPED.value:
@@ -100,6 +99,7 @@ class NasService:
                               chap_user=chap.userid if chap else None,
                               chap_secret=chap.password if chap else None, last_error=None)
         target_made = False
+        asked = False               # the container may have attached (no refusal came back)
         try:
             deadline = time.monotonic() + timeout
             with self.rpc_factory() as rpc:
@@ -115,15 +115,18 @@ class NasService:
                            "remotehost": remotehost, "remotepool": remotepool}
                 if chap:
                     message["chap"] = {"userid": chap.userid, "password": chap.password}
+                asked = True
                 reply = rpc.call(remotehost, message, _left(deadline))
             if reply.get("status") != "success":
+                asked = False       # a container that refuses has undone its own part
                 raise ImgStorageError("Error attaching iSCSI target to compute node: "
                                       f"{reply.get('error', 'unknown error')}")
             bdev = reply.get("bdev")
             if not isinstance(bdev, str) or not bdev.startswith("/dev/"):
                 raise ImgStorageError(f"compute node {remotehost} answered without a block device")
         except Exception as exc:
-            self._rollback_map(zvol, target if target_made else None, exc)
+            self._rollback_map(zvol, target if target_made else None, exc,
+                               release=remotehost if asked else None)
             raise
         self.store.transition(zvol, Event.ATTACHED_SYNC if sync else Event.ATTACHED, bdev=bdev,
                               initiator=initiator, last_snapshot=None, transfer_snapshot=None,
@@ -134,13 +137,23 @@ class NasService:
             self.sync.wake()
         return {"bdev": bdev, "target": target}
 
-    def _rollback_map(self, zvol: str, target: Optional[str], exc: Exception) -> None:
+    def _rollback_map(self, zvol: str, target: Optional[str], exc: Exception,
+                      release: Optional[str] = None) -> None:
+        """Undo a map that failed or timed out, on this side and (``release``) the container's.
+
+        A container whose answer never came may still be attaching, or have
+        attached after we stopped waiting: it is asked to let go, or it would
+        keep a session to a target that is gone and hand its stale device to
+        the next map of the zvol.
+        """
         log.warning("mapping %s failed (%s); rolling back", zvol, exc)
         if target:
             try:
                 self.drivers.target.delete_target(target)
             except ImgStorageError as err:
                 log.error("could not remove target %s after a failed map: %s", target, err)
+        if release:
+            self._release_remote(zvol, release, target, ROLLBACK_RELEASE_TIMEOUT)
         self.store.transition(zvol, Event.FAILED, remotehost=None, remotepool=None,
                               iscsi_target=None, bdev=None, chap_user=None, chap_secret=None,
                               last_error=str(exc)[:1000])
@@ -156,9 +169,9 @@ class NasService:
         row = self.store.require(zvol)
         if row.state == State.UNMAPPED.value:
             raise StateError(f"ZVol {zvol} is not mapped")
-        if row.state == State.FINAL_PULL.value:
+        if row.state in (State.FINAL_PULL.value, State.RELEASING.value):
             raise StateError(f"ZVol {zvol} is already being synced home (NAS<-VM)")
-        if row.state not in UNMAPPABLE:
+        if State(row.state) not in UNMAPPABLE:
             raise StateError(f"ZVol {zvol} is {row.state}; it cannot be unmapped now")
         with self.sync.jobs.held(zvol):
             row = self.store.require(zvol)          # a cancelled pull went back to local
@@ -173,6 +186,15 @@ class NasService:
                     raise ImgStorageError("Error detaching iSCSI target from compute node: "
                                           f"{exc}") from None
                 raise
+            if not reply.get("local") and State(row.state) in RUNNING_FROM_COPY:
+                # The container should hold the VM's latest writes; "nothing here"
+                # would make us forget them.  Keep everything, target included.
+                error = (f"ZVol {zvol} is {row.state} here, so {row.remotehost} should hold "
+                         "the VM's latest writes, but it answered that it has no local copy; "
+                         f"nothing was changed (the zvol is {row.state} again)")
+                log.error("unmap of %s refused: %s", zvol, error)
+                self.store.transition(zvol, Event.FAILED, last_error=error[:1000])
+                raise StateError(error)
             if row.iscsi_target:
                 self.drivers.target.delete_target(row.iscsi_target)
             if reply.get("local"):
@@ -232,8 +254,7 @@ class NasService:
         ``force``: then those writes are given up, and the log says so.
         """
         row = self.store.require(zvol)
-        risky = {State.UPLOADING.value, State.MERGING.value, State.LOCAL.value,
-                 State.PULLING.value, State.FINAL_PULL.value}
+        risky = {s.value for s in SYNC_ACTIVE}
         if row.state in risky and not force:
             raise StateError(f"ZVol {zvol} is {display(row.state)} ({row.state}): "
                              f"{row.remotehost} may hold writes the NAS does not have; "
@@ -272,9 +293,8 @@ class NasService:
                     log.warning("zvol %s was being mapped when the daemon stopped: rolling back",
                                 row.zvol)
                     self._rollback_map(row.zvol, row.iscsi_target,
-                                       ImgStorageError("interrupted by a daemon restart"))
-                    if row.remotehost:
-                        self._release_remote(row)
+                                       ImgStorageError("interrupted by a daemon restart"),
+                                       release=row.remotehost)
                 elif row.state == State.UNMAPPING.value:
                     self._recover_unmap(row)
                 elif row.state == State.DELETING.value:
@@ -295,7 +315,7 @@ class NasService:
         unmaps again, which the container then finishes.
         """
         there = self._container_state(row)
-        if there == "detached_local":
+        if there == ContainerState.DETACHED_LOCAL.value:
             log.warning("zvol %s was being unmapped when the daemon stopped; %s already let go "
                         "of the device: the final pull follows", row.zvol, row.remotehost)
             self._delete_target(row.iscsi_target)
@@ -333,13 +353,15 @@ class NasService:
         if target and any(t.iqn == target for t in self.drivers.target.list_targets()):
             self.drivers.target.delete_target(target)
 
-    def _release_remote(self, row) -> None:
-        """Best effort: the container may have attached before we stopped."""
+    def _release_remote(self, zvol: str, host: str, target: Optional[str],
+                        timeout: float) -> None:
+        """Best effort, bounded: the container may have attached before we gave up."""
         try:
-            self.remote(row.remotehost, {"action": "unmap_zvol", "zvol": row.zvol,
-                                         "target": row.iscsi_target}, 10)
+            self.remote(host, {"action": "unmap_zvol", "zvol": zvol, "target": target}, timeout)
+            log.info("%s let go of %s after the failed map", host, zvol)
         except ImgStorageError as exc:
-            log.warning("could not ask %s to let go of %s: %s", row.remotehost, row.zvol, exc)
+            log.warning("could not ask %s to let go of %s after the failed map: %s", host,
+                        zvol, exc)
 
     # -- listings -----------------------------------------------------------
     def list_zvols(self) -> List[Dict]:

@@ -32,8 +32,11 @@ come home:
   holds everything; the container removes the device and keeps the zvol,
   ``detached_local`` -> ``final_pull``: an incremental pull from the last
   common snapshot; only after it was received is the container's copy
-  destroyed (``pulled`` -> ``unmapped``).  A failed final pull is retried and
-  never destroys anything.
+  destroyed.  A failed final pull is retried and never destroys anything.
+  The arrival is recorded before the container is asked to destroy its copy
+  (``pulled`` -> ``releasing``), and the zvol is ``unmapped`` only once the
+  container answered (``released``): a NAS killed in between, or a lost
+  answer, asks again, and a container that has nothing left says so.
 
 A failed unmap returns to the state it started from (``prior_state``).
 """
@@ -55,6 +58,7 @@ class State(str, Enum):
     PULLING = "pulling"
     UNMAPPING = "unmapping"
     FINAL_PULL = "final_pull"
+    RELEASING = "releasing"
     DELETING = "deleting"
 
 
@@ -69,6 +73,7 @@ class Event(str, Enum):
     UNMAP = "unmap"
     DETACHED = "detached"
     DETACHED_LOCAL = "detached_local"
+    RELEASED = "released"
     DELETE = "delete"
     DELETED = "deleted"
     FAILED = "failed"
@@ -98,7 +103,8 @@ TRANSITIONS: Dict[Tuple[State, Event], Target] = {
     (State.UNMAPPING, Event.DETACHED): State.UNMAPPED,
     (State.UNMAPPING, Event.DETACHED_LOCAL): State.FINAL_PULL,
     (State.UNMAPPING, Event.FAILED): PRIOR,
-    (State.FINAL_PULL, Event.PULLED): State.UNMAPPED,
+    (State.FINAL_PULL, Event.PULLED): State.RELEASING,
+    (State.RELEASING, Event.RELEASED): State.UNMAPPED,
     (State.UNMAPPED, Event.DELETE): State.DELETING,
     (State.DELETING, Event.DELETED): GONE,
     (State.DELETING, Event.FAILED): State.UNMAPPED,
@@ -121,12 +127,43 @@ DISPLAY = {
     State.PULLING: "NAS<-VM sched",
     State.UNMAPPING: "mapped",
     State.FINAL_PULL: "NAS<-VM",
+    State.RELEASING: "NAS<-VM",
     State.DELETING: "unmapped",
 }
 
-# States in which the container holds data the NAS does not have yet.
-SYNC_ACTIVE = {State.UPLOADING, State.MERGING, State.LOCAL, State.PULLING, State.FINAL_PULL}
+# -- sets the code asks about, derived from the table ---------------------------
+def _reach(start: State, stop: frozenset) -> frozenset:
+    """The states reached from ``start`` by events not in ``stop`` (start included)."""
+    seen, todo = {start}, [start]
+    while todo:
+        state = todo.pop()
+        for (source, event), target in TRANSITIONS.items():
+            if source is state and event not in stop and isinstance(target, State) \
+                    and target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return frozenset(seen)
 
+
+_ADMIN = frozenset({Event.CLEANED})
+
+#: States an unmap may start from.
+UNMAPPABLE = frozenset(s for (s, e) in TRANSITIONS if e is Event.UNMAP)
+
+#: States whose unmap must end in a final pull: once ``uploaded`` the VM writes only
+#: into the container's copy, which is ahead of the NAS until an unmap brings it home.
+RUNNING_FROM_COPY = _reach(TRANSITIONS[(State.UPLOADING, Event.UPLOADED)],
+                           _ADMIN | {Event.UNMAP})
+
+#: States in which the container holds data the NAS does not have yet: from the start
+#: of the copy until an unmap, and from the container's letting go until the final pull
+#: arrived.
+SYNC_ACTIVE = (_reach(TRANSITIONS[(State.MAPPING, Event.ATTACHED_SYNC)], _ADMIN | {Event.UNMAP})
+               | _reach(TRANSITIONS[(State.UNMAPPING, Event.DETACHED_LOCAL)],
+                        _ADMIN | {Event.PULLED}))
+
+#: States with a transfer running or due: those a transfer's arrival leaves.
+MOVING = frozenset(s for (s, e) in TRANSITIONS if e in (Event.UPLOADED, Event.PULLED))
 
 # States in which a container reads or writes the zvol through its iSCSI target,
 # so the row keeps ``iscsi_target`` and the target must exist: ``mapped``

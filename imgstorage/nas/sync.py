@@ -2,7 +2,8 @@
 
 One scheduler thread looks at every zvol once a second and starts what is due:
 the NAS->VM upload of a zvol that is ``uploading``, the final pull of one that
-is ``final_pull``, and the periodic pull of a ``local`` zvol whose ``nextsync``
+is ``final_pull`` (and the container's release of its copy once that arrived,
+``releasing``), and the periodic pull of a ``local`` zvol whose ``nextsync``
 has come.  A failed job is retried with backoff; nothing is ever destroyed on
 the container before the NAS has received its data.  Because jobs are derived
 from the zvol states in the database, a restarted daemon picks up where the
@@ -36,6 +37,7 @@ from ..errors import (BrokerUnavailable, ImgStorageError, NoSuchNode, RpcTimeout
                       StateError)
 from ..syncsnaps import SNAP_PREFIX, new_snapshot_name
 from ..transfer import Progress, TransferCancelled
+from ..protocol import ContainerState as There
 from .jobs import Job, Jobs
 from .states import Event, State
 
@@ -128,6 +130,8 @@ class SyncManager:
             self.jobs.start(row.zvol, "upload", self._upload)
         elif row.state == State.FINAL_PULL.value:
             self.jobs.start(row.zvol, "final_pull", lambda job: self._pull(job, final=True))
+        elif row.state == State.RELEASING.value:
+            self.jobs.start(row.zvol, "release", self._release_job)
         elif row.state == State.PULLING.value and self.jobs.get(row.zvol) is None:
             # a pull that was running when the daemon stopped: try again later
             self.store.transition(row.zvol, Event.FAILED)
@@ -235,7 +239,7 @@ class SyncManager:
             self._resume_ended(row.zvol)
             log.info("NAS->VM copy of %s done: %d bytes in %.1fs (%.0f B/s)",
                      row.zvol, job.progress.done, time.monotonic() - started, _average(job))
-            self._hand_over(row, snap, "snapshot")
+            self._hand_over(row, snap, There.SNAPSHOT.value)
         except TransferCancelled:
             log.info("NAS->VM copy of %s cancelled after %d bytes", row.zvol, job.progress.done)
         except (ImgStorageError, OSError) as exc:
@@ -260,7 +264,7 @@ class SyncManager:
     def _hand_over(self, row, snap: str, there: str) -> None:
         """The copy is on the container: it becomes the base, and the container merges."""
         self._new_base(row, snap)
-        if there in ("snapshot", "merging"):
+        if there in (There.SNAPSHOT.value, There.MERGING.value):
             self.service.remote(row.remotehost, {"action": "sync_zvol", "zvol": row.zvol,
                                                  "target": row.iscsi_target, "snap": snap})
         # transfer_snapshot is cleared only now: until the container merges, a
@@ -268,7 +272,7 @@ class SyncManager:
         self.store.transition(row.zvol, Event.UPLOADED, transfer_snapshot=None, failures=0,
                               retry_at=None, last_error=None)
         log.info("zvol %s: the container merges the VM's writes into the copy", row.zvol)
-        if there == "local":
+        if there == There.LOCAL.value:
             self.service.zvol_synced(row.zvol, True, None)
 
     def _check_merge(self, job: Job) -> None:
@@ -284,11 +288,11 @@ class SyncManager:
             return
         entry = body.get(row.zvol) if isinstance(body, dict) else None
         there = entry.get("state") if isinstance(entry, dict) else None
-        if there == "local":
+        if there == There.LOCAL.value:
             log.warning("zvol %s: %s finished merging but its report never arrived; "
                         "moving on", row.zvol, row.remotehost)
             self.service.zvol_synced(row.zvol, True, None)
-        elif there != "merging":
+        elif there not in (There.MERGING.value, There.SWITCHING.value):
             log.warning("zvol %s is merging here but %s on %s", row.zvol, there or "unknown",
                         row.remotehost)
 
@@ -381,10 +385,11 @@ class SyncManager:
                          what, row.zvol)
             log.info("%s of %s done in %.1fs", what, row.zvol, time.monotonic() - started)
             if final:
-                self.service.remote(row.remotehost, {"action": "del_local", "zvol": row.zvol})
-                self.store.transition(row.zvol, Event.PULLED, remotehost=None, remotepool=None,
-                                      iscsi_target=None, bdev=None, initiator=None,
-                                      chap_user=None, chap_secret=None)
+                # Recorded before the container is asked to let go: from now on a
+                # restart or a lost answer only repeats the request to let go.
+                self.store.transition(row.zvol, Event.PULLED, failures=0, retry_at=None,
+                                      last_error=None)
+                self._release(row)
             else:
                 self.store.transition(row.zvol, Event.PULLED)
                 self.store.set_zvol_attrs(row.zvol, {
@@ -398,6 +403,30 @@ class SyncManager:
             if not final:
                 self._back_to_local(row.zvol)
             self._failed(row.zvol, what, exc)
+
+    def _release_job(self, job: Job) -> None:
+        row = self.store.get(job.zvol)
+        if row is None or row.state != State.RELEASING.value:
+            return
+        log.info("zvol %s: the final NAS<-VM sync had arrived; asking %s again to destroy "
+                 "its copy", row.zvol, row.remotehost)
+        self._release(row)
+
+    def _release(self, row) -> None:
+        """The NAS has every byte: the container destroys its copy, then the zvol is unmapped.
+
+        A container that no longer has the copy (it destroyed it before our
+        record of that was written) answers success, so asking twice is safe.
+        """
+        try:
+            self.service.remote(row.remotehost, {"action": "del_local", "zvol": row.zvol})
+        except (ImgStorageError, OSError) as exc:
+            self._failed(row.zvol, f"release of {row.remotehost}'s copy", exc)
+            return
+        self.store.transition(row.zvol, Event.RELEASED, remotehost=None, remotepool=None,
+                              iscsi_target=None, bdev=None, initiator=None, chap_user=None,
+                              chap_secret=None, failures=0, retry_at=None, last_error=None)
+        log.info("zvol %s is home: %s destroyed its copy", row.zvol, row.remotehost)
 
     def _back_to_local(self, zvol: str) -> None:
         try:

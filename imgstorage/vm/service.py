@@ -100,12 +100,27 @@ class VmService:
 
     def _attach(self, target: str, nas: str, chap: Optional[ChapCredentials],
                 timeout: float) -> str:
-        found = [t.iqn for t in self.drivers.initiator.discover(nas)]
+        """Discover, log in, wait for the disk: all within ``timeout``, the map's budget.
+
+        The NAS stops waiting at the end of that budget and rolls its side
+        back; an attach that went on past it would leave a session to a
+        target that is gone.  The caller's undo cleans up after a failure.
+        """
+        deadline = time.monotonic() + timeout
+
+        def left(step: str) -> float:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DriverError(f"gave up attaching {target} before the {step}: the map's "
+                                  f"{timeout:.1f} s ran out")
+            return remaining
+
+        found = [t.iqn for t in self.drivers.initiator.discover(nas, timeout=left("discovery"))]
         if target not in found:
             raise DriverError(f"Could not find iSCSI target {target} on NAS {nas}")
-        self.drivers.initiator.login(target, nas, chap)
+        self.drivers.initiator.login(target, nas, chap, timeout=left("login"))
         session = wait_for(lambda: (lambda s: s if s and s.device else None)(
-            self._session_for(target)), min(DEVICE_WAIT, max(1.0, timeout - 1)))
+            self._session_for(target)), min(DEVICE_WAIT, left("disk")))
         if not session:
             raise DriverError(f"Not found {target} in targets: the disk did not appear")
         return f"/dev/{session.device}"
@@ -124,6 +139,17 @@ class VmService:
             raise StateError(f"sync mode needs a local zpool on {self.config.name}: set "
                              "vm_container_zpool (remotepool) or default_pool")
         existing = self.row(zvol)
+        if existing is not None and existing.iscsi_target == target \
+                and State(existing.state) is State.ATTACHED \
+                and existing.chap_user != (chap.userid if chap else None):
+            # A direct attachment of an earlier mapping the NAS has since rolled back
+            # (its answer came too late): nothing of the VM is here, so let it go.
+            log.warning("zvol %s: dropping the attachment of an earlier mapping of %s",
+                        zvol, target)
+            self.store.transition(zvol, Event.DETACH)
+            self._logout(target, existing.nas)
+            self.store.transition(zvol, Event.DETACHED)
+            existing = None
         if existing is not None:
             if existing.iscsi_target == target and State(existing.state) in IN_SERVICE:
                 return f"/dev/mapper/{dm_name(zvol)}" if existing.sync else existing.bdev
@@ -138,7 +164,7 @@ class VmService:
             if sync:
                 self.sync.prepare(zvol, pool, volsize or 0)
                 prepared = True
-            bdev = self._attach(target, nas, chap, timeout)
+            bdev = self._attach(target, nas, chap, timeout - (time.monotonic() - started))
             if sync:
                 devsize = self.sync.create_snapshot_device(zvol, pool, bdev)
                 self.store.transition(zvol, Event.SNAPSHOTTED, bdev=bdev, devsize=devsize)

@@ -228,3 +228,47 @@ def test_chap_password_is_marked_secret_for_the_runner():
     runner.expect(node + ["--login"])
     Iscsiadm(runner).login(iqn, portal, ChapCredentials("u1", "s3cret-s3cret"))
     assert runner.redacted == ["s3cret-s3cret"]
+
+
+# ------------------------------------------------------- a map's time budget
+DISCOVER = ["iscsiadm", "-m", "discovery", "-t", "sendtargets", "-p", PORTAL]
+
+
+def test_discover_and_login_are_bounded_by_the_callers_time():
+    runner = (ReplayRunner()
+              .expect(DISCOVER, "iscsi/real_discovery.txt")
+              .expect(update("node.session.auth.authmethod", "None"), "iscsi/node_update_ok.txt")
+              .expect(NODE + ["--login"], "iscsi/login_ok.txt"))
+    driver = Iscsiadm(runner)
+    assert driver.discover(PORTAL, timeout=7.5)
+    driver.login(IQN1, PORTAL, timeout=4.25)
+    runner.assert_all_used()
+    timeouts = {tuple(call.argv): call.timeout for call in runner.calls}
+    assert timeouts[tuple(DISCOVER)] == 7.5
+    assert timeouts[tuple(NODE + ["--login"])] == 4.25
+
+
+def test_without_a_budget_the_runners_own_timeout_applies():
+    from imgstorage.runner import DEFAULT_TIMEOUT
+    runner = ReplayRunner().expect(DISCOVER, "iscsi/real_discovery.txt")
+    Iscsiadm(runner).discover(PORTAL)
+    assert runner.calls[0].timeout == DEFAULT_TIMEOUT
+
+
+@pytest.mark.parametrize("step", ["discovery", "login"])
+def test_a_step_that_outlasts_the_budget_is_one_clear_error(step):
+    runner = ReplayRunner()
+    if step == "discovery":
+        runner.expect(DISCOVER, timed_out=True)
+    else:
+        runner.expect(update("node.session.auth.authmethod", "None"), "iscsi/node_update_ok.txt")
+        runner.expect(NODE + ["--login"], timed_out=True)
+    driver = Iscsiadm(runner)
+    with pytest.raises(DriverError) as err:
+        if step == "discovery":
+            driver.discover(PORTAL, timeout=2.0)
+        else:
+            driver.login(IQN1, PORTAL, timeout=2.0)
+    assert not isinstance(err.value, CommandError)
+    assert str(err.value).endswith("did not finish within 2.0 s")
+    assert step in str(err.value) and "\n" not in str(err.value)

@@ -159,3 +159,31 @@ def test_a_login_from_an_unknown_host_portal_changes_nothing(root, ini):
     assert not (root / "ghost").exists()
     with pytest.raises(ValidationError):
         ini.logout("nonsense")
+
+
+def test_a_slow_login_is_cut_by_its_timeout_and_leaves_no_session(root, tgt, ini, monkeypatch):
+    import time
+    tgt.create_target(T1, "/dev/zvol/tank/vm-1-vol", ME)
+    monkeypatch.setenv(initiator.LOGIN_DELAY_ENV, "0.6")
+    started = time.monotonic()
+    with pytest.raises(DriverError, match=r"login to .* did not finish within 0\.2 s"):
+        ini.login(T1, "nas-0-0", timeout=0.2)
+    assert 0.2 <= time.monotonic() - started < 0.6
+    assert ini.sessions() == []
+    started = time.monotonic()
+    ini.login(T1, "nas-0-0", timeout=5)                   # time enough: it lands
+    assert time.monotonic() - started >= 0.6
+    assert [s.iqn for s in ini.sessions()] == [T1]
+
+
+def test_a_slow_login_finds_a_target_deleted_meanwhile_gone(root, tgt, ini, monkeypatch):
+    """The target is looked at when the login lands, not when it began."""
+    import threading
+    tgt.create_target(T1, "/dev/zvol/tank/vm-1-vol", ME)
+    monkeypatch.setenv(initiator.LOGIN_DELAY_ENV, "0.5")
+    timer = threading.Timer(0.1, tgt.delete_target, [T1])
+    timer.start()
+    with pytest.raises(DriverError, match="target not found"):
+        ini.login(T1, "nas-0-0")
+    timer.join()
+    assert ini.sessions() == []

@@ -1,7 +1,8 @@
 import pytest
 
 from imgstorage.errors import StateError
-from imgstorage.nas.states import DISPLAY, PRIOR, TRANSITIONS, Event, State, display, next_state
+from imgstorage.nas.states import (DISPLAY, PRIOR, RUNNING_FROM_COPY, SYNC_ACTIVE, TRANSITIONS,
+                                   Event, State, display, next_state)
 
 
 def test_direct_iscsi_life_cycle():
@@ -42,7 +43,8 @@ def test_sync_life_cycle_and_its_display():
             (Event.PULL, State.PULLING, "NAS<-VM sched"), (Event.PULLED, State.LOCAL, "mapped"),
             (Event.UNMAP, State.UNMAPPING, "mapped"),
             (Event.DETACHED_LOCAL, State.FINAL_PULL, "NAS<-VM"),
-            (Event.PULLED, State.UNMAPPED, "unmapped")]
+            (Event.PULLED, State.RELEASING, "NAS<-VM"),
+            (Event.RELEASED, State.UNMAPPED, "unmapped")]
     s = State.UNMAPPED
     for event, expected, shown in path:
         s = next_state(s.value, event)
@@ -62,6 +64,31 @@ def test_an_administrators_clean_leads_every_state_but_a_delete_to_unmapped():
             assert (state, Event.CLEANED) not in TRANSITIONS
         else:
             assert next_state(state.value, Event.CLEANED) is State.UNMAPPED
+
+
+def test_the_arrival_of_the_final_pull_is_recorded_before_the_copy_is_released():
+    """final_pull --pulled--> releasing --released--> unmapped, and no other way out:
+    a restarted daemon finds ``releasing`` and asks the container again."""
+    assert next_state(State.FINAL_PULL.value, Event.PULLED) == State.RELEASING
+    assert next_state(State.RELEASING.value, Event.RELEASED) == State.UNMAPPED
+    assert {e for (s, e) in TRANSITIONS if s is State.RELEASING} == {Event.RELEASED}
+    for event in (Event.MAP, Event.UNMAP, Event.DELETE, Event.FAILED, Event.PULLED):
+        with pytest.raises(StateError, match=f"cannot {event.value} a zvol that is releasing"):
+            next_state(State.RELEASING.value, event)
+    with pytest.raises(StateError, match="cannot released a zvol that is final_pull"):
+        next_state(State.FINAL_PULL.value, Event.RELEASED)
+
+
+def test_releasing_holds_nothing_the_nas_lacks():
+    assert State.RELEASING not in SYNC_ACTIVE
+
+
+def test_running_from_copy_is_derived_from_the_table():
+    """From the copy's arrival until an unmap: merging, local and the periodic pulls."""
+    assert RUNNING_FROM_COPY == {State.MERGING, State.LOCAL, State.PULLING}
+    assert RUNNING_FROM_COPY <= SYNC_ACTIVE
+    for state in RUNNING_FROM_COPY:
+        assert next_state(state.value, Event.UNMAP) == State.UNMAPPING
 
 
 def test_every_state_is_displayed_as_the_seed_does():

@@ -11,6 +11,10 @@ and ``sim_root/<host>/iscsi/sessions.json``.
 A real kernel attaches the disk of a new session a moment after the login
 returns; ``IMGSTORAGE_SIM_DISK_DELAY`` (seconds, default 0) makes the
 simulation do the same, so a test can act while a container waits for it.
+A real login itself can take long (a slow or distant portal);
+``IMGSTORAGE_SIM_LOGIN_DELAY`` (seconds, default 0) makes the simulated login
+take that long.  A login given a ``timeout`` shorter than that gives up when
+it passes and makes no session, as iscsiadm stopped by its timeout.
 """
 from __future__ import annotations
 
@@ -29,13 +33,18 @@ DEFAULT_PORT = 3260
 _SESSIONS = "sessions.json"
 _NAME_FILE = "initiatorname"
 DISK_DELAY_ENV = "IMGSTORAGE_SIM_DISK_DELAY"
+LOGIN_DELAY_ENV = "IMGSTORAGE_SIM_LOGIN_DELAY"
+
+
+def _seconds(name: str) -> float:
+    try:
+        return max(0.0, float(os.environ.get(name) or 0))
+    except ValueError:
+        return 0.0
 
 
 def _disk_delay() -> float:
-    try:
-        return max(0.0, float(os.environ.get(DISK_DELAY_ENV) or 0))
-    except ValueError:
-        return 0.0
+    return _seconds(DISK_DELAY_ENV)
 
 
 def parse_portal(portal: str) -> Tuple[str, str, int]:
@@ -115,16 +124,23 @@ class SimInitiator:
             raise DriverError(f"cannot make connection to {portal}: No route to host")
         return nas, host_part, port
 
-    def discover(self, portal: str) -> List[DiscoveredTarget]:
+    def discover(self, portal: str, timeout: Optional[float] = None) -> List[DiscoveredTarget]:
         """SendTargets: every target of the NAS, as LIO answers by default."""
         nas, host_part, port = self._reachable(portal)
         return [DiscoveredTarget(portal=f"{host_part}:{port}", tpgt=1, iqn=iqn)
                 for iqn in sorted(target.read_targets(self.root, nas))]
 
-    def login(self, iqn: str, portal: str, chap: Optional[ChapCredentials] = None) -> None:
+    def login(self, iqn: str, portal: str, chap: Optional[ChapCredentials] = None,
+              timeout: Optional[float] = None) -> None:
         iqn = state.iqn(iqn)
         nas, host_part, port = self._reachable(portal)
         me = self.initiator_name()
+        delay = _seconds(LOGIN_DELAY_ENV)
+        if timeout is not None and delay > timeout:
+            time.sleep(max(0.0, timeout))
+            raise DriverError(f"iSCSI login to {iqn} at {portal} did not finish within "
+                              f"{timeout:.1f} s")
+        time.sleep(delay)          # the target is looked at when the login lands
         with state.subsystem_lock(self.root, self.host, "iscsi"):
             data = state.read_json(_sessions_path(self.root, self.host), {})
             sessions = data.setdefault("sessions", [])
