@@ -446,6 +446,8 @@ class VmService:
                     entry["started"] = True
                     entry["time"] = row.merge_started
                     entry["synced_percent"] = _merge_percent(figures, row)
+            if row.state == State.BROKEN.value:
+                entry.update(status=State.BROKEN.value, error=row.last_error)
             body[zvol] = entry
         known = {r.iscsi_target for r in rows.values()}
         for n, iqn in enumerate(sorted(set(sessions) - known)):

@@ -123,7 +123,9 @@ def test_a_device_whose_local_copy_is_gone_is_broken_and_nothing_is_destroyed(wo
     assert row.state == "broken" and row.prior_state == "snapshot"
     assert "tank/vol1-temp-write is gone" in row.last_error
     assert again.drivers.zfs.get_zvol(POOL, ZVOL) is not None     # the copy is kept
-    assert again.list_dev()[ZVOL]["state"] == "broken"
+    listed = again.list_dev()[ZVOL]
+    assert (listed["state"], listed["status"]) == ("broken", "broken")
+    assert "is gone" in listed["error"]
     with pytest.raises(StateError, match="is broken on compute-0-3: tank/vol1-temp-write is gone"):
         again.unmap_zvol(ZVOL, TARGET, 5)
 
