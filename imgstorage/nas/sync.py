@@ -88,6 +88,24 @@ class SyncManager:
         value = self._attr(zvol, "frequency")
         return value if value and value > 0 else DEFAULT_FREQUENCY
 
+    def pulled(self, zvol: str, now: Optional[float] = None) -> Dict[str, int]:
+        """The attributes to record when the NAS got the disk as it is now (a pull
+        arrived, or the container's copy took over): when, and when the next pull is due."""
+        now = int(now if now is not None else time.time())
+        return {"last_pull_at": now, "nextsync": now + self.frequency(zvol)}
+
+    def pull_due(self, zvol: str, attrs) -> Optional[int]:
+        """When the next periodic pull is due (None: not scheduled yet).
+
+        ``nextsync`` was computed with the frequency of its day; a frequency
+        lowered since then counts from the last pull, so it takes effect at once.
+        """
+        if attrs is None or attrs.nextsync is None:
+            return None
+        if attrs.last_pull_at is None:
+            return attrs.nextsync
+        return min(attrs.nextsync, attrs.last_pull_at + self.frequency(zvol))
+
     # -- scheduler --------------------------------------------------------------
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="sync-scheduler", daemon=True)
@@ -137,11 +155,16 @@ class SyncManager:
                 self.jobs.start(row.zvol, "merge_check", self._check_merge)
         elif row.state == State.LOCAL.value:
             attrs = self.store.zvol_attrs(row.zvol)
-            nextsync = attrs.nextsync if attrs else None
-            if nextsync is None:
+            due = self.pull_due(row.zvol, attrs)
+            if due is None:
                 self.store.set_zvol_attrs(row.zvol, {"nextsync": int(now + self.frequency(row.zvol))})
-            elif nextsync <= now:
+            elif due <= now:
                 self.jobs.start(row.zvol, "pull", lambda job: self._pull(job, final=False))
+            elif due < attrs.nextsync:
+                log.info("zvol %s: next pull moved from %d to %d, %ss after the last one "
+                         "(its frequency now)", row.zvol, attrs.nextsync, due,
+                         self.frequency(row.zvol))
+                self.store.set_zvol_attrs(row.zvol, {"nextsync": due})
 
     def _failed(self, zvol: str, what: str, exc: Exception) -> None:
         self._resume_ended(zvol, exc)
@@ -387,8 +410,7 @@ class SyncManager:
                                       chap_user=None, chap_secret=None)
             else:
                 self.store.transition(row.zvol, Event.PULLED)
-                self.store.set_zvol_attrs(row.zvol, {
-                    "nextsync": int(time.time() + self.frequency(row.zvol))})
+                self.store.set_zvol_attrs(row.zvol, self.pulled(row.zvol))
         except TransferCancelled:
             log.info("%s of %s cancelled after %d bytes; it resumes from there", what, row.zvol,
                      job.progress.done)
