@@ -92,19 +92,28 @@ class SyncManager:
         """The attributes to record when the NAS got the disk as it is now (a pull
         arrived, or the container's copy took over): when, and when the next pull is due."""
         now = int(now if now is not None else time.time())
-        return {"last_pull_at": now, "nextsync": now + self.frequency(zvol)}
+        frequency = self.frequency(zvol)
+        return {"last_pull_at": now, "nextsync": now + frequency, "pull_frequency": frequency}
 
-    def pull_due(self, zvol: str, attrs) -> Optional[int]:
-        """When the next periodic pull is due (None: not scheduled yet).
+    def frequency_changes(self, zvol: str, attrs) -> Dict[str, int]:
+        """The attributes to change when the frequency differs from the one ``nextsync``
+        was computed with (empty: none).
 
-        ``nextsync`` was computed with the frequency of its day; a frequency
-        lowered since then counts from the last pull, so it takes effect at once.
+        A lowered frequency counts from the last pull, so it takes effect at once
+        instead of after the old interval; a ``nextsync`` an operator set by hand
+        stands as long as the frequency does not change.
         """
-        if attrs is None or attrs.nextsync is None:
-            return None
-        if attrs.last_pull_at is None:
-            return attrs.nextsync
-        return min(attrs.nextsync, attrs.last_pull_at + self.frequency(zvol))
+        frequency = self.frequency(zvol)
+        if attrs.pull_frequency == frequency:
+            return {}
+        changes = {"pull_frequency": frequency}
+        if (attrs.pull_frequency is not None and frequency < attrs.pull_frequency
+                and attrs.last_pull_at is not None
+                and attrs.last_pull_at + frequency < attrs.nextsync):
+            changes["nextsync"] = attrs.last_pull_at + frequency
+            log.info("zvol %s: frequency lowered from %ss to %ss; next pull moved from %d to %d",
+                     zvol, attrs.pull_frequency, frequency, attrs.nextsync, changes["nextsync"])
+        return changes
 
     # -- scheduler --------------------------------------------------------------
     def start(self) -> None:
@@ -155,16 +164,16 @@ class SyncManager:
                 self.jobs.start(row.zvol, "merge_check", self._check_merge)
         elif row.state == State.LOCAL.value:
             attrs = self.store.zvol_attrs(row.zvol)
-            due = self.pull_due(row.zvol, attrs)
-            if due is None:
+            if attrs is None or attrs.nextsync is None:
                 self.store.set_zvol_attrs(row.zvol, {"nextsync": int(now + self.frequency(row.zvol))})
-            elif due <= now:
+                return
+            nextsync = attrs.nextsync
+            changes = self.frequency_changes(row.zvol, attrs)
+            if changes:
+                self.store.set_zvol_attrs(row.zvol, changes)
+                nextsync = changes.get("nextsync", nextsync)
+            if nextsync <= now:
                 self.jobs.start(row.zvol, "pull", lambda job: self._pull(job, final=False))
-            elif due < attrs.nextsync:
-                log.info("zvol %s: next pull moved from %d to %d, %ss after the last one "
-                         "(its frequency now)", row.zvol, attrs.nextsync, due,
-                         self.frequency(row.zvol))
-                self.store.set_zvol_attrs(row.zvol, {"nextsync": due})
 
     def _failed(self, zvol: str, what: str, exc: Exception) -> None:
         self._resume_ended(zvol, exc)

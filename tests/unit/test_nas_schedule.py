@@ -95,7 +95,7 @@ def test_the_hand_over_to_local_is_the_first_recorded_pull(nas):
     assert service.store.get(ZVOL).state == "local"
 
 
-def test_an_older_database_gains_last_pull_at(tmp_path):
+def test_an_older_database_gains_the_new_columns(tmp_path):
     path = tmp_path / "old.db"
     with sqlite3.connect(path) as db:
         db.execute("CREATE TABLE nas_zvol_attrs (zvol VARCHAR(200) PRIMARY KEY, "
@@ -104,5 +104,21 @@ def test_an_older_database_gains_last_pull_at(tmp_path):
         db.execute("INSERT INTO nas_zvol_attrs (zvol, nextsync) VALUES ('old-vol', 1234)")
     create_schema(make_engine(str(path)), Base)
     with sqlite3.connect(path) as db:
-        row = db.execute("SELECT nextsync, last_pull_at FROM nas_zvol_attrs").fetchone()
-    assert row == (1234, None)
+        row = db.execute("SELECT nextsync, last_pull_at, pull_frequency "
+                         "FROM nas_zvol_attrs").fetchone()
+    assert row == (1234, None, None)
+
+
+def test_a_nextsync_set_by_hand_stands_until_the_frequency_changes(nas):
+    service, started = nas
+    store, sync = service.store, service.sync
+    store.set_zvol_attrs(ZVOL, {"frequency": 2})
+    store.set_zvol_attrs(ZVOL, sync.pulled(ZVOL, now=1000))
+    store.set_zvol_attrs(ZVOL, {"nextsync": 5000})           # the operator holds pulls off
+    sync.tick(now=1003)
+    assert started == [] and store.zvol_attrs(ZVOL).nextsync == 5000
+    store.set_zvol_attrs(ZVOL, {"frequency": 1})
+    sync.tick(now=1003)
+    assert started == [(ZVOL, "pull")]
+    attrs = store.zvol_attrs(ZVOL)
+    assert (attrs.nextsync, attrs.pull_frequency) == (1001, 1)
