@@ -16,6 +16,13 @@ setup(
         "rtslib-fb>=2.1",
     ],
     extras_require={"test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6"]},
+    # The service files, for an administrator to copy: the two LSB scripts and
+    # the functions they share go together into /etc/init.d (the scripts also
+    # look in /usr/lib/imgstorage), the units into /etc/systemd/system.
+    data_files=[("share/imgstorage/init.d", [
+        "init.d/img-storage-nas", "init.d/img-storage-vm", "init.d/img-storage-functions",
+        "init.d/img-storage-nas.service", "init.d/img-storage-vm.service",
+    ])],
     entry_points={
         "console_scripts": [
             "img-storage-nas=imgstorage.nas.main:main",

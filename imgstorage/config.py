@@ -22,11 +22,15 @@ from .errors import ConfigError, ValidationError
 DEFAULT_PATH = "/etc/imgstorage.conf"
 ENV_VAR = "IMGSTORAGE_CONF"
 DEFAULT_EXCHANGE = "rocks.vm-manage"
+# On the simulated kernel every node is a process on one machine: node names do
+# not resolve, so streams are offered and reached on the loopback address.
+SIM_STREAM_ADDRESS = "127.0.0.1"
 
 KNOWN_KEYS = {
     "name", "broker_url", "exchange", "db", "frontend_db", "backend", "sim_root",
     "network", "default_pool", "img_sync_workers", "transport", "log_file",
     "admin_users", "chap", "timeout", "target", "stream_address", "stream_bind", "ssh_user",
+    "pool_wait",
 }
 
 
@@ -54,6 +58,7 @@ class Config:
     stream_address: Optional[str] = None   # how peers reach this node's TCP streams
     stream_bind: str = "0.0.0.0"
     ssh_user: str = "img-storage"
+    pool_wait: float = 300.0               # seconds a starting daemon waits for its pools
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def require(self, *keys: str) -> None:
@@ -114,6 +119,12 @@ def from_dict(data: Dict[str, Any], path: str = "<config>") -> Config:
         setattr(cfg, key, _check(path, key, value))
     if cfg.backend == "sim" and not cfg.sim_root:
         raise ConfigError(f"{path}: missing key 'sim_root' (required when backend is \"sim\")")
+    if cfg.backend == "sim":
+        given = {key for key, value in data.items() if value is not None}
+        if "stream_address" not in given:
+            cfg.stream_address = SIM_STREAM_ADDRESS
+        if "stream_bind" not in given:
+            cfg.stream_bind = SIM_STREAM_ADDRESS
     return cfg
 
 
@@ -173,6 +184,10 @@ def _check(path: str, key: str, value: Any) -> Any:
             return value
         if key == "chap":
             return naming.parse_bool(value, key)
+        if key == "pool_wait":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValidationError("expected a number of seconds (0: do not wait)")
+            return float(value)
         if key == "timeout":
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ValidationError("expected a positive number of seconds")

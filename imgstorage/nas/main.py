@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import logging
 
+from .. import poolwait
 from ..config import Config
 from ..daemon import Daemon, command_line
 from ..db import create_schema, make_engine
 from ..drivers import node_drivers
 from . import handlers
-from .models import Base
+from .models import Base, Zvol
 from .reexport import reexport_targets
 from .service import NasService
 from .store import NasStore
@@ -22,6 +23,7 @@ def build_daemon(cfg: Config) -> Daemon:
     store = NasStore(engine)
     store.ensure_defaults()
     service = NasService(cfg, store, node_drivers(cfg, target_kind=cfg.target))
+    poolwait.wait_for_pools(cfg, engine, service.drivers.zfs, Zvol.zpool)
     service.recover()
     reexport_targets(store, service.drivers)
     return Daemon(cfg, handlers.build(service), quick_actions=handlers.QUICK,

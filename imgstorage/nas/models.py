@@ -72,5 +72,11 @@ class ZvolAttr(Base):
                                       primary_key=True)
     frequency: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
     nextsync: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    # Epoch seconds of the last periodic pull that arrived (or of the hand-over
+    # to the container's copy): the NAS holds the disk as it was then.  A
+    # lowered frequency counts from here, not from a nextsync made with the old one.
+    last_pull_at: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    # The frequency nextsync was computed with: a different one now is a change.
+    pull_frequency: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
     uploadspeed: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
     downloadspeed: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)

@@ -222,7 +222,7 @@ class NasService:
                 self.drivers.target.delete_target(row.iscsi_target)
             self.store.transition(zvol, Event.SYNCED, iscsi_target=None, last_error=None,
                                   retry_at=None, failures=0)
-            self.store.set_zvol_attrs(zvol, {"nextsync": int(time.time() + self.sync.frequency(zvol))})
+            self.store.set_zvol_attrs(zvol, self.sync.pulled(zvol))
             log.info("zvol %s runs from its local copy on %s", zvol, row.remotehost)
         else:
             log.info("zvol %s: merge report ignored in state %s", zvol, row.state)

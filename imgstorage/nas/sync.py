@@ -90,6 +90,33 @@ class SyncManager:
         value = self._attr(zvol, "frequency")
         return value if value and value > 0 else DEFAULT_FREQUENCY
 
+    def pulled(self, zvol: str, now: Optional[float] = None) -> Dict[str, int]:
+        """The attributes to record when the NAS got the disk as it is now (a pull
+        arrived, or the container's copy took over): when, and when the next pull is due."""
+        now = int(now if now is not None else time.time())
+        frequency = self.frequency(zvol)
+        return {"last_pull_at": now, "nextsync": now + frequency, "pull_frequency": frequency}
+
+    def frequency_changes(self, zvol: str, attrs) -> Dict[str, int]:
+        """The attributes to change when the frequency differs from the one ``nextsync``
+        was computed with (empty: none).
+
+        A lowered frequency counts from the last pull, so it takes effect at once
+        instead of after the old interval; a ``nextsync`` an operator set by hand
+        stands as long as the frequency does not change.
+        """
+        frequency = self.frequency(zvol)
+        if attrs.pull_frequency == frequency:
+            return {}
+        changes = {"pull_frequency": frequency}
+        if (attrs.pull_frequency is not None and frequency < attrs.pull_frequency
+                and attrs.last_pull_at is not None
+                and attrs.last_pull_at + frequency < attrs.nextsync):
+            changes["nextsync"] = attrs.last_pull_at + frequency
+            log.info("zvol %s: frequency lowered from %ss to %ss; next pull moved from %d to %d",
+                     zvol, attrs.pull_frequency, frequency, attrs.nextsync, changes["nextsync"])
+        return changes
+
     # -- scheduler --------------------------------------------------------------
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="sync-scheduler", daemon=True)
@@ -141,10 +168,15 @@ class SyncManager:
                 self.jobs.start(row.zvol, "merge_check", self._check_merge)
         elif row.state == State.LOCAL.value:
             attrs = self.store.zvol_attrs(row.zvol)
-            nextsync = attrs.nextsync if attrs else None
-            if nextsync is None:
+            if attrs is None or attrs.nextsync is None:
                 self.store.set_zvol_attrs(row.zvol, {"nextsync": int(now + self.frequency(row.zvol))})
-            elif nextsync <= now:
+                return
+            nextsync = attrs.nextsync
+            changes = self.frequency_changes(row.zvol, attrs)
+            if changes:
+                self.store.set_zvol_attrs(row.zvol, changes)
+                nextsync = changes.get("nextsync", nextsync)
+            if nextsync <= now:
                 self.jobs.start(row.zvol, "pull", lambda job: self._pull(job, final=False))
 
     def _failed(self, zvol: str, what: str, exc: Exception) -> None:
@@ -392,8 +424,7 @@ class SyncManager:
                 self._release(row)
             else:
                 self.store.transition(row.zvol, Event.PULLED)
-                self.store.set_zvol_attrs(row.zvol, {
-                    "nextsync": int(time.time() + self.frequency(row.zvol))})
+                self.store.set_zvol_attrs(row.zvol, self.pulled(row.zvol))
         except TransferCancelled:
             log.info("%s of %s cancelled after %d bytes; it resumes from there", what, row.zvol,
                      job.progress.done)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 
+from .. import poolwait
 from ..config import Config
 from ..errors import ImgStorageError
 from ..messaging import RpcClient
@@ -10,7 +11,7 @@ from ..daemon import Daemon, command_line
 from ..db import create_schema, make_engine
 from ..drivers import node_drivers
 from . import handlers
-from .models import Base
+from .models import Base, VmZvol
 from .service import VmService
 
 log = logging.getLogger("imgstorage.vm")
@@ -33,6 +34,7 @@ def build_daemon(cfg: Config) -> Daemon:
     create_schema(engine, Base)
     service = VmService(cfg, engine, node_drivers(cfg), notify=notifier(cfg))
     service.initiator_name()  # fail at start, not at the first map, when the initiator is not set up
+    poolwait.wait_for_pools(cfg, engine, service.drivers.zfs, VmZvol.remotepool)
     service.recover()
     return Daemon(cfg, handlers.build(service), quick_actions=handlers.QUICK,
                   background=[service.sync])

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import pytest
 
@@ -266,3 +266,115 @@ def test_lsb_header_and_systemd_unit(role):
                                str(SCRIPTS / f"img-storage-{role}.service")],
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
+
+
+# ------------------------------------------------------------------ boot order
+def lsb_fields(role: str) -> Dict[str, List[str]]:
+    text = (SCRIPTS / f"img-storage-{role}").read_text()
+    header = text.split("### BEGIN INIT INFO\n", 1)[1].split("### END INIT INFO", 1)[0]
+    return {k: v.split() for k, v in re.findall(r"^# ([A-Z][\w-]+):\s+(.*)$", header, re.M)}
+
+
+def unit_lists(role: str) -> Dict[str, List[str]]:
+    """Each [Unit] setting with the values of all its lines (After= may be repeated)."""
+    unit = (SCRIPTS / f"img-storage-{role}.service").read_text().split("[Service]", 1)[0]
+    found: Dict[str, List[str]] = {}
+    for key, value in re.findall(r"^(\w+)=(.*)$", unit, re.M):
+        found.setdefault(key, []).extend(value.split())
+    return found
+
+
+@pytest.mark.parametrize("role,needs", [
+    ("nas", ["zfs-import", "zfs-mount", "rabbitmq-server", "target", "tgtd"]),
+    ("vm", ["zfs-import", "zfs-mount", "rabbitmq-server", "iscsid", "open-iscsi"]),
+])
+def test_lsb_scripts_start_after_network_and_pools(role, needs):
+    fields = lsb_fields(role)
+    for facility in ("$local_fs", "$remote_fs", "$network", "$named"):
+        assert facility in fields["Required-Start"], fields
+    for facility in ("$local_fs", "$remote_fs", "$network"):
+        assert facility in fields["Required-Stop"], fields
+    # services a host may lack are Should-, never Required- (insserv refuses a missing one)
+    assert set(needs) <= set(fields["Should-Start"]), fields
+    assert set(needs) <= set(fields["Should-Stop"]), fields   # and stops before them
+    assert all(f.startswith("$") for f in fields["Required-Start"] + fields["Required-Stop"])
+
+
+@pytest.mark.parametrize("role,after", [
+    ("nas", ["target.service", "tgtd.service"]),
+    ("vm", ["iscsid.service", "open-iscsi.service"]),
+])
+def test_units_start_after_network_and_pools_without_requiring_them(role, after):
+    lists = unit_lists(role)
+    wanted = ["network-online.target", "zfs-import.target", "zfs.target"]
+    assert set(wanted + ["zfs-mount.service"] + after) <= set(lists["After"]), lists
+    assert set(wanted) <= set(lists["Wants"]), lists
+    # a dependency this host does not have must not keep the daemon from starting
+    assert not {"Requires", "Requisite", "BindsTo", "PartOf"} & set(lists), lists
+
+
+def test_the_two_scripts_share_one_functions_file():
+    shared = SCRIPTS / "img-storage-functions"
+    text = shared.read_text()
+    assert "### BEGIN INIT INFO" not in text          # not a service of its own
+    assert not os.access(shared, os.X_OK)
+    for name in ("do_start", "do_stop", "do_status", "do_restart", "imgstorage_service"):
+        assert re.search(rf"^{name}\(\) {{$", text, re.M), name
+    for role in ("nas", "vm"):
+        own = (SCRIPTS / f"img-storage-{role}").read_text()
+        assert not re.search(r"^\s*[\w-]+\(\)\s*\{", own, re.M), "functions belong in the shared file"
+        assert ". \"$IMGSTORAGE_FUNCTIONS\"" in own and "img-storage-functions" in own
+        assert len(own.splitlines()) < 60
+
+
+def install(tmp_path: Path, *names: str) -> Path:
+    """The files copied into an /etc/init.d of the test's own, modes kept."""
+    initd = tmp_path / "etc" / "init.d"
+    initd.mkdir(parents=True)
+    for name in names:
+        shutil.copy2(SCRIPTS / name, initd / name)
+    return initd
+
+
+def test_installed_scripts_run_through_rc_links(nodes, tmp_path):
+    c = nodes
+    assert not Path("/usr/lib/imgstorage/img-storage-functions").exists()
+    initd = install(tmp_path, "img-storage-nas", "img-storage-vm", "img-storage-functions")
+    rc2 = tmp_path / "etc" / "rc2.d"
+    rc2.mkdir()
+    for role in ("nas", "vm"):
+        link = rc2 / f"S99img-storage-{role}"
+        link.symlink_to(Path("..") / "init.d" / f"img-storage-{role}")
+        for path in (initd / f"img-storage-{role}", link):
+            proc = subprocess.run([str(path), "status"], env=env_for(c, role),
+                                  capture_output=True, text=True, timeout=60)
+            assert (proc.returncode, proc.stdout.strip(), proc.stderr) == (
+                3, f"img-storage-{role} is stopped", ""), proc
+    # the whole life cycle from the installed copy, through its rc link
+    link = str(rc2 / "S99img-storage-nas")
+    proc = subprocess.run([link, "start"], env=env_for(c, "nas"), capture_output=True,
+                          text=True, timeout=200)
+    assert proc.returncode == 0, proc
+    pid = read_pid(c, "nas")
+    assert pid and alive(pid)
+    c.wait_ready(NAS, timeout=30)
+    proc = subprocess.run([link, "stop"], env=env_for(c, "nas"), capture_output=True,
+                          text=True, timeout=200)
+    assert proc.returncode == 0 and wait_gone(pid, 1.0), proc
+
+
+def test_a_script_without_its_functions_file_says_so(nodes, tmp_path):
+    initd = install(tmp_path, "img-storage-vm")
+    proc = subprocess.run([str(initd / "img-storage-vm"), "start"], env=env_for(nodes, "vm"),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 5, proc
+    assert proc.stderr.splitlines() == [
+        f"img-storage-vm: img-storage-functions is not installed next to "
+        f"{initd / 'img-storage-vm'} nor in /usr/lib/imgstorage"], proc.stderr
+    assert proc.stdout == "" and read_pid(nodes, "vm") is None
+
+
+def test_setup_installs_every_service_file():
+    setup = (REPO / "setup.py").read_text()
+    for path in SCRIPTS.iterdir():
+        assert f'"init.d/{path.name}"' in setup, path.name

@@ -56,3 +56,76 @@ def test_unreadable_files(tmp_path):
 def test_broker_user_comes_from_url():
     cfg = config.from_dict({"broker_url": "amqp://img-storage:pw@fe:5672/img-storage"})
     assert cfg.broker_user == "img-storage"
+
+
+def readme_example(**changes):
+    """README.rst's example configuration, with some keys changed (None drops a key)."""
+    data = {"name": "vm-container-0-14",
+            "broker_url": "amqp://img-storage:SECRET@frontend:5672/img-storage",
+            "db": "/var/lib/imgstorage/vm.db", "backend": "real", "network": "ibnet",
+            "log_file": "/var/log/imgstorage/img-storage-vm.log"}
+    data.update(changes)
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def test_simulated_streams_default_to_loopback(tmp_path):
+    # every simulated node is a process on one machine: its name does not resolve
+    from imgstorage.vm.streams import advertised_address
+    cfg = config.load(write(tmp_path, readme_example(backend="sim", sim_root=str(tmp_path))))
+    assert (cfg.stream_address, cfg.stream_bind) == ("127.0.0.1", "127.0.0.1")
+    assert advertised_address(cfg) == "127.0.0.1"
+
+
+def test_real_streams_default_to_the_node_name_and_every_interface(tmp_path):
+    from imgstorage.vm.streams import advertised_address
+    cfg = config.load(write(tmp_path, readme_example()))
+    assert (cfg.stream_address, cfg.stream_bind) == (None, "0.0.0.0")
+    assert advertised_address(cfg) == "vm-container-0-14.ibnet"
+
+
+def test_explicit_stream_settings_win_on_the_simulated_kernel(tmp_path):
+    cfg = config.load(write(tmp_path, readme_example(
+        backend="sim", sim_root=str(tmp_path), stream_address="10.1.2.3", stream_bind="0.0.0.0")))
+    assert (cfg.stream_address, cfg.stream_bind) == ("10.1.2.3", "0.0.0.0")
+    cfg = config.load(write(tmp_path, readme_example(
+        backend="sim", sim_root=str(tmp_path), stream_bind="10.1.2.3")))
+    assert (cfg.stream_address, cfg.stream_bind) == ("127.0.0.1", "10.1.2.3")
+
+
+def readme_keys():
+    """The first column of README.rst's configuration key table."""
+    from pathlib import Path
+    lines = (Path(__file__).resolve().parents[2] / "README.rst").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:1] == ["key"]
+                 and i > 0 and set(lines[i - 1].strip()) <= {"=", " "} and lines[i - 1].strip())
+    rule = lines[start - 1]
+    width = len(rule.strip().split()[0])
+    indent = len(rule) - len(rule.lstrip())
+    keys, rules = [], 0
+    for line in lines[start + 1:]:
+        if line.strip() and set(line.strip()) <= {"=", " "}:
+            rules += 1
+            if rules == 2:
+                return keys
+            continue
+        cell = line[indent:indent + width].strip()
+        if cell:
+            keys.append(cell)
+    raise AssertionError("README.rst's key table does not end")
+
+
+def test_readme_lists_exactly_the_accepted_keys():
+    keys = readme_keys()
+    assert len(keys) == len(set(keys)), keys
+    assert set(keys) == config.KNOWN_KEYS
+
+
+@pytest.mark.parametrize("value", [-1, "300", True])
+def test_pool_wait_must_be_seconds(tmp_path, value):
+    with pytest.raises(ConfigError, match="invalid key 'pool_wait'"):
+        config.load(write(tmp_path, {"pool_wait": value}))
+
+
+def test_pool_wait_defaults_to_five_minutes(tmp_path):
+    assert config.load(write(tmp_path, {})).pool_wait == 300
+    assert config.load(write(tmp_path, {"pool_wait": 0})).pool_wait == 0
