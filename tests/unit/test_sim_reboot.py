@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 from imgstorage.drivers.base import ChapCredentials
 from imgstorage.drivers.sim import blockdev, cli, dm, hypervisor, initiator, reboot, target, zfs
-from imgstorage.errors import DriverError, ValidationError
+from imgstorage.errors import ValidationError
 
 KIB, MIB = 1 << 10, 1 << 20
 NAS, VMC = "nas-0-0", "compute-0-1"
