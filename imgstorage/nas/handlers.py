@@ -53,12 +53,14 @@ def build(service: NasService) -> Dict[str, object]:
 
     def list_zvols(env: Envelope) -> dict:
         request = paging.page_request(env.body)
-        rows = service.list_zvols(after=request.after)
+        # one row beyond the limit tells whether more follow
+        rows = service.list_zvols(after=request.after,
+                                  limit=None if request.limit is None else request.limit + 1)
         page = paging.take(((r["zvol"], r) for r in rows), request)
-        if page.more:
-            log.info("list_zvols: %d of the %d zvols after %s fit in one reply; the caller "
-                     "asks again for those after %s", len(page.items), len(rows),
-                     request.after or "the start", page.next)
+        if page.more and len(page.items) < (request.limit or len(rows)):
+            log.info("list_zvols: only %d zvols after %s fit in one reply; the caller asks "
+                     "again for those after %s", len(page.items), request.after or "the start",
+                     page.next)
         return protocol.success("list_zvols", body=[r for _, r in page.items],
                                 **page.reply_fields())
 

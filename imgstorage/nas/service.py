@@ -348,8 +348,9 @@ class NasService:
             log.warning("could not ask %s to let go of %s: %s", row.remotehost, row.zvol, exc)
 
     # -- listings -----------------------------------------------------------
-    def list_zvols(self, after: Optional[str] = None) -> List[Dict]:
-        """The zvols after ``after`` in name order, each row only with what it holds.
+    def list_zvols(self, after: Optional[str] = None, limit: Optional[int] = None) -> List[Dict]:
+        """The zvols after ``after`` in name order (``limit`` at most), each row only with
+        what it holds.
 
         A key that is absent means null (false for ``sync``, 0 for
         ``failures``): most zvols of a large NAS are unmapped and idle, and
@@ -368,6 +369,8 @@ class NasService:
         for z in self.store.all():
             if after is not None and z.zvol <= after:
                 continue
+            if limit is not None and len(rows) >= limit:
+                break
             attr = attrs.get(z.zvol)
             job = self.sync.jobs.get(z.zvol)
             moving = z.state in (State.UPLOADING.value, State.PULLING.value, State.FINAL_PULL.value)
