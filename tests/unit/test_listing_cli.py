@@ -1,4 +1,4 @@
-"""``rocks list host storagemap``/``storagedev``: pages, and a failing transfer's error and retry."""
+"""``rocks list host storagemap`` and ``storagedev``: pages, a failing transfer's error and retry."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 from imgstorage.frontend import commands_storage
 from imgstorage.frontend.tables import OutputOptions, Table, countdown, short_error
 
-from .test_cli import FakeHypervisor, FakeRpc, cluster, conf, fails, hyp, ok, rpc  # noqa: F401
+from .test_cli import cluster, conf, fails, hyp, ok, rpc  # noqa: F401  (fixtures)
 
 IQN = "iqn.2001-04.com.nas-0-0-"
 NOW = 1000.0

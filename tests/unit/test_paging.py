@@ -196,3 +196,44 @@ def test_fetch_all_gives_up_on_a_listing_that_never_ends(monkeypatch):
 def test_page_reply_fields_round_trip_through_json():
     page = Page([("a", {"zvol": "a"})], more=True)
     assert json.loads(json.dumps(page.reply_fields())) == {"more": True, "next": "a"}
+
+
+# ------------------------------------------------- a daemon's oversized reply
+class _Channel:
+    def __init__(self):
+        self.published = []
+
+    def basic_publish(self, exchange, routing_key, body, properties):
+        self.published.append(body)
+
+
+class _Connection:
+    def add_callback_threadsafe(self, fn):
+        fn()
+
+
+def _consumer():
+    from imgstorage.config import from_dict
+    from imgstorage.messaging import Consumer
+    consumer = Consumer(from_dict({"name": "nas-0-0", "broker_url": "amqp://u:p@h:5672/v"}),
+                        dispatch=lambda *a: None)
+    consumer._conn, consumer._channel = _Connection(), _Channel()
+    return consumer
+
+
+def test_a_daemon_answers_an_error_instead_of_a_reply_nobody_could_read(caplog):
+    consumer = _consumer()
+    big = protocol.success("list_dev", body={"x": {"pad": "y" * protocol.MAX_REPLY}})
+    consumer.publish_reply(consumer._generation, "reply-queue", "id-1", big)
+    sent = consumer._channel.published
+    assert len(sent) == 1 and len(sent[0]) < 1000
+    reply = protocol.decode(sent[0], protocol.MAX_REPLY)
+    assert reply["status"] == "error" and "more than the" in reply["error"]
+    assert "over the 1048576 bytes a reply may carry" in caplog.text
+
+
+def test_a_reply_within_the_limit_is_sent_as_it_is():
+    consumer = _consumer()
+    listing = protocol.success("list_zvols", body=rows(2000, pad=200), more=False)
+    consumer.publish_reply(consumer._generation, "reply-queue", "id-2", listing)
+    assert protocol.decode(consumer._channel.published[0], protocol.MAX_REPLY) == listing
