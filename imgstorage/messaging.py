@@ -114,7 +114,7 @@ class RpcClient:
 
     def _on_reply(self, _ch, _method, props, body: bytes) -> None:
         try:
-            reply = protocol.decode(body)
+            reply = protocol.decode(body, protocol.MAX_REPLY)
         except Exception as exc:  # a reply we cannot read is still an answer
             reply = {"action": "error", "status": "error", "error": f"unreadable reply: {exc}"}
         if props.correlation_id:
@@ -301,9 +301,15 @@ class Consumer:
                                          correlation_id=correlation_id, app_id=APP_ID,
                                          timestamp=int(time.time()),
                                          user_id=self.config.broker_user)
+            body = protocol.encode(message)
+            if len(body) > protocol.MAX_REPLY:
+                log.error("a %s reply of %d bytes is over the %d bytes a reply may carry; "
+                          "answering with an error instead", message.get("action"), len(body),
+                          protocol.MAX_REPLY)
+                body = protocol.encode(protocol.oversized(message, len(body)))
             try:
                 self._channel.basic_publish(exchange="", routing_key=reply_to,
-                                            body=protocol.encode(message), properties=props)
+                                            body=body, properties=props)
             except pika.exceptions.AMQPError as exc:
                 log.warning("could not send reply to %s: %r", reply_to, exc)
         self._threadsafe(generation, send)

@@ -14,7 +14,23 @@ from typing import Any, Dict, Optional
 from . import naming
 from .errors import ValidationError
 
-MAX_BODY = 64 * 1024
+# Size limits, checked by whoever reads a message.
+#
+# Requests are small: the largest a caller sends is ``set_attrs`` with a few
+# attribute values (4096 characters each at most) or ``map_zvol`` with names of
+# at most a few hundred characters; 64 KiB is ten times what any of them needs,
+# and bounds what a hostile sender can make a daemon parse.
+#
+# Replies carry listings.  A listing row of a zvol is about 100 bytes when it
+# is unmapped and 200 when it is mapped (measured with the project's own names;
+# benchmarks/bench_list_zvols.py), and about 2.5 KB at worst (every name at its
+# longest and a 1000-character error), so 1 MiB holds a whole NAS of 1000 busy
+# zvols at worst and 5000 typical ones, far below the broker's own message
+# limit.  A listing that does not fit is sent in pages (imgstorage/paging.py),
+# so the limit only bounds what a caller must hold in memory at once.
+MAX_REQUEST = 64 * 1024
+MAX_REPLY = 1024 * 1024
+MAX_BODY = MAX_REQUEST          # the name older code knew the request limit by
 
 # request action -> reply action (the original names)
 REPLY_ACTION = {
@@ -60,10 +76,14 @@ class ContainerState(str, Enum):
     BROKEN = "broken"
 
 
-def decode(body: bytes) -> Dict[str, Any]:
-    """Parse a message body; anything but a JSON object with an action is rejected."""
-    if len(body) > MAX_BODY:
-        raise ValidationError(f"message too large ({len(body)} bytes, at most {MAX_BODY})")
+def decode(body: bytes, limit: int = MAX_REQUEST) -> Dict[str, Any]:
+    """Parse a message body; anything but a JSON object with an action is rejected.
+
+    ``limit`` is MAX_REQUEST for what a daemon receives and MAX_REPLY for what
+    a caller receives back: the size is checked before any parsing.
+    """
+    if len(body) > limit:
+        raise ValidationError(f"message too large ({len(body)} bytes, at most {limit})")
     try:
         data = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -78,6 +98,21 @@ def decode(body: bytes) -> Dict[str, Any]:
 
 def encode(message: Dict[str, Any]) -> bytes:
     return json.dumps(message, sort_keys=True).encode("utf-8")
+
+
+def encoded_size(value: Any) -> int:
+    """Bytes ``value`` takes inside an encoded message (how pages are measured)."""
+    return len(json.dumps(value, sort_keys=True).encode("utf-8"))
+
+
+def oversized(message: Dict[str, Any], size: int) -> Dict[str, Any]:
+    """The error reply sent instead of a reply over MAX_REPLY.
+
+    A caller cannot read a reply over the limit; telling it why in a reply it
+    can read beats an answer it can only call unreadable.
+    """
+    return error(str(message.get("action") or ""),
+                 f"the reply would be {size} bytes, more than the {MAX_REPLY} a reply may carry")
 
 
 def success(action: str, **fields: Any) -> Dict[str, Any]:

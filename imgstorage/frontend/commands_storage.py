@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
-from .. import naming, protocol
+from .. import naming, paging, protocol
 from ..errors import ImgStorageError, ValidationError
 from ..nas.states import SYNC_ACTIVE
 from .commands_base import Arg, Invocation, Param, bool_param, command, none_or
-from .tables import Table, elapsed, percent, rate, synced
+from .tables import Table, countdown, elapsed, percent, rate, short_error, synced
 
 _NAS = Arg("NAS", "a registered NAS (appliance nas, or attribute img_storage_nas=true)")
 
@@ -109,32 +109,45 @@ def remove_host_storageimg(inv: Invocation) -> None:
     description="STATE is unmapped, mapped, NAS->VM (copy to the host under way), NAS<-VM (final "
                 "copy back after unmap) or NAS<-VM sched (periodic copy back); TIME is how "
                 "long the running copy has taken, PROGRESS its share of the estimated "
-                "stream size and RATE its current speed.",
+                "stream size and RATE its current speed. ERROR is the last error of a zvol "
+                "(with how many times in a row it failed) and NEXT-RETRY the time left until "
+                "the NAS tries again; the JSON output carries the whole error, failures and "
+                "retry_at (epoch).",
     example="rocks list host storagemap nas-0-0")
 def list_host_storagemap(inv: Invocation) -> None:
-    rows = []
+    rows, data = [], []
     for nas in _nases(inv, inv.args["nas"]):
-        body = inv.request(nas, {"action": "list_zvols"}).get("body")
-        if not isinstance(body, list) or not all(isinstance(r, dict) for r in body):
-            raise _malformed(nas, "zvol list")
+        body = zvol_list(inv, nas)
         now = time.time()
         for row in body:
             nextsync = row.get("nextsync") if row.get("lifecycle") in ("local", "pulling") else None
             rows.append([nas, row.get("zvol"), row.get("remotehost"), row.get("zpool"),
                          row.get("iscsi_target"), row.get("state"), elapsed(row.get("time"), now),
                          percent(row.get("progress")), rate(row.get("rate")),
-                         _when(nextsync)])
+                         _when(nextsync), short_error(row.get("error"), row.get("failures")),
+                         countdown(row.get("retry_at"), now)])
+            data.append({"error": row.get("error"), "failures": row.get("failures") or 0,
+                         "retry_at": row.get("retry_at")})
     # The seed's columns always; a transfer's figures while one runs; the next
-    # periodic sync while a zvol runs from a container's copy.
-    extra = [i for i, used in ((7, any(r[7] or r[8] for r in rows)),
-                               (8, any(r[7] or r[8] for r in rows)),
-                               (9, any(r[9] for r in rows))) if used]
+    # periodic sync while a zvol runs from a container's copy; the last error
+    # and the next retry while a zvol has them.
+    moving = any(r[7] or r[8] for r in rows)
+    extra = [i for i, used in ((7, moving), (8, moving), (9, any(r[9] for r in rows)),
+                               (10, any(r[10] for r in rows)),
+                               (11, any(r[11] for r in rows))) if used]
     headers = ["NAS", "ZVOL", "HOST", "ZPOOL", "TARGET", "STATE", "TIME", "PROGRESS", "RATE",
-               "NEXTSYNC"]
+               "NEXTSYNC", "ERROR", "NEXT-RETRY"]
+    failing = 10 in extra or 11 in extra       # JSON: the raw figures beside them, then
     table = Table(headers[:7] + [headers[i] for i in extra])
-    for r in rows:
-        table.add(*(r[:7] + [r[i] for i in extra]))
+    for r, d in zip(rows, data):
+        table.add(*(r[:7] + [r[i] for i in extra]), data=d if failing else None)
     inv.table(table)
+
+
+def zvol_list(inv: Invocation, nas: str) -> List[Dict[str, Any]]:
+    """Every zvol of ``nas``, page after page when the NAS sends its listing in pages."""
+    return paging.fetch_all(lambda message: inv.request(nas, message), {"action": "list_zvols"},
+                            keyed=False, malformed=lambda: _malformed(nas, "zvol list"))
 
 
 def _when(epoch: Any) -> Optional[str]:
@@ -157,9 +170,9 @@ def list_host_storagedev(inv: Invocation) -> None:
     table = Table(["HOST", "ZVOL", "LVM", "STATUS", "SIZE (GB)", "BLOCK DEV", "IS STARTED",
                    "SYNCED", "TIME"])
     for host in [inv.host(name).name for name in inv.args["host"]]:
-        body = inv.request(host, {"action": "list_dev"}).get("body")
-        if not isinstance(body, dict) or not all(isinstance(r, dict) for r in body.values()):
-            raise _malformed(host, "device list")
+        body = paging.fetch_all(lambda message: inv.request(host, message),
+                                {"action": "list_dev"}, keyed=True,
+                                malformed=lambda: _malformed(host, "device list"))
         now = time.time()
         for key, dev in body.items():
             table.add(host, dev.get("zvol") or key, dev.get("device"), dev.get("status"),
@@ -280,8 +293,7 @@ def clean_host_storagemap(inv: Invocation) -> None:
     if nodetype not in (None, "nas", "vmc"):
         raise ValidationError(f"nodetype can be only nas or vmc ({nodetype})")
     force = bool(bool_param(inv, "force"))
-    rows = [r for r in inv.request(nas, {"action": "list_zvols"}).get("body") or []
-            if isinstance(r, dict) and r.get("zvol") == zvol]
+    rows = [r for r in zvol_list(inv, nas) if r.get("zvol") == zvol]
     if not rows:
         raise ImgStorageError(f"Unable to find volume {zvol} on nas {nas}")
     row = rows[0]

@@ -10,6 +10,7 @@ same rows for programs that would rather not parse text.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Dict, List, Mapping, Optional, Sequence
@@ -60,17 +61,27 @@ class Table:
     owner: bool = True
     trim_owner: bool = True
     rows: List[List[Any]] = field(default_factory=list)
+    data: List[Mapping[str, Any]] = field(default_factory=list)
 
-    def add(self, *cells: Any) -> None:
+    def add(self, *cells: Any, data: Optional[Mapping[str, Any]] = None) -> None:
+        """One row; ``data`` holds raw values that only the JSON output carries.
+
+        A table cell is written for a person (``0:00:32``, an error cut to its
+        first words); a program reading JSON wants the figure itself (the
+        epoch, the whole error).  ``data`` keys are added to the row's object,
+        and replace a column of the same name, unless ``output-col`` chose
+        the columns.
+        """
         if len(cells) != len(self.headers):
             raise ValueError(f"row has {len(cells)} cells for {len(self.headers)} columns")
         self.rows.append(list(cells))
+        self.data.append(dict(data or {}))
 
     def render(self, options: OutputOptions = OutputOptions()) -> str:
         """The text to print (without a final newline); empty when there are no rows."""
         headers, rows, owner = self._select(options.columns)
         if options.format == "json":
-            return render_json(headers, rows)
+            return render_json(headers, rows, None if options.columns else self.data)
         return "\n".join(render_lines(headers, rows, owner=owner, header=options.header,
                                       trim_owner=self.trim_owner))
 
@@ -133,10 +144,13 @@ def render_lines(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, owner
     return out
 
 
-def render_json(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def render_json(headers: Sequence[str], rows: Sequence[Sequence[Any]],
+                data: Optional[Sequence[Mapping[str, Any]]] = None) -> str:
     """The same rows as objects; the owner is kept, since a program cannot guess it."""
     keys = [h.lower() for h in headers]
     objects: List[Dict[str, Any]] = [dict(zip(keys, row)) for row in rows]
+    for obj, extra in zip(objects, data or ()):
+        obj.update(extra)
     return json.dumps(objects, indent=2, default=str)
 
 
@@ -149,6 +163,32 @@ def elapsed(start: Any, now: float) -> Optional[str]:
     except (TypeError, ValueError):
         return None
     return str(timedelta(seconds=max(0, seconds)))
+
+
+def countdown(epoch: Any, now: float) -> Optional[str]:
+    """``h:mm:ss`` until an epoch (``0:00:00`` once it is due); None when there is none."""
+    if not isinstance(epoch, (int, float)) or isinstance(epoch, bool):
+        return None
+    return str(timedelta(seconds=max(0, int(math.ceil(epoch - now)))))
+
+
+ERROR_WIDTH = 40
+
+
+def short_error(text: Any, failures: Any = None) -> Optional[str]:
+    """An error as a table cell: its first line, cut to ERROR_WIDTH, and how often it came.
+
+    The whole text stays in the JSON output and in the daemon's log; a table
+    row must stay one readable line.
+    """
+    if not isinstance(text, str) or not text.strip():
+        return None
+    line = text.strip().splitlines()[0].strip()
+    if len(line) > ERROR_WIDTH:
+        line = line[:ERROR_WIDTH - 3].rstrip() + "..."
+    if isinstance(failures, int) and not isinstance(failures, bool) and failures > 1:
+        line += f" (x{failures})"
+    return line
 
 
 def percent(value: Any) -> Optional[str]:

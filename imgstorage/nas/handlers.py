@@ -1,13 +1,16 @@
 """NAS message handlers: validate, take the zvol's lock, call the service, reply."""
 from __future__ import annotations
 
+import logging
 from typing import Dict
 
-from .. import naming, protocol
+from .. import naming, paging, protocol
 from ..errors import ValidationError
 from ..messaging import Envelope
 from ..protocol import field, optional_name
 from .service import NasService
+
+log = logging.getLogger(__name__)
 
 QUICK = {"list_zvols", "get_zvol_attrs", "get_attrs", "ping"}
 # Actions that change or destroy something: only admin_users may ask (when set).
@@ -49,7 +52,17 @@ def build(service: NasService) -> Dict[str, object]:
         return protocol.success("del_zvol", zvol=zvol)
 
     def list_zvols(env: Envelope) -> dict:
-        return protocol.success("list_zvols", body=service.list_zvols())
+        request = paging.page_request(env.body)
+        # one row beyond the limit tells whether more follow
+        rows = service.list_zvols(after=request.after,
+                                  limit=None if request.limit is None else request.limit + 1)
+        page = paging.take(((r["zvol"], r) for r in rows), request)
+        if page.more and len(page.items) < (request.limit or len(rows)):
+            log.info("list_zvols: only %d zvols after %s fit in one reply; the caller asks "
+                     "again for those after %s", len(page.items), request.after or "the start",
+                     page.next)
+        return protocol.success("list_zvols", body=[r for _, r in page.items],
+                                **page.reply_fields())
 
     def get_zvol_attrs(env: Envelope) -> dict:
         zvol = field(env.body, "zvol", naming.zvol_name)

@@ -21,7 +21,7 @@ from ..drivers.resolver import host_known, network_name
 from ..errors import ImgStorageError, NotFoundError, StateError, ValidationError
 from ..messaging import RpcClient
 from ..protocol import ContainerState
-from .states import RUNNING_FROM_COPY, SYNC_ACTIVE, UNMAPPABLE, Event, State, display
+from .states import MOVING, RUNNING_FROM_COPY, SYNC_ACTIVE, UNMAPPABLE, Event, State, display
 from .store import NasStore
 
 log = logging.getLogger(__name__)
@@ -364,31 +364,44 @@ class NasService:
                         zvol, exc)
 
     # -- listings -----------------------------------------------------------
-    def list_zvols(self) -> List[Dict]:
+    def list_zvols(self, after: Optional[str] = None, limit: Optional[int] = None) -> List[Dict]:
+        """The zvols after ``after`` in name order (``limit`` at most), each row only with
+        what it holds.
+
+        A key that is absent means null (false for ``sync``, 0 for
+        ``failures``): most zvols of a large NAS are unmapped and idle, and
+        their rows would otherwise be mostly nulls.  Fields a row could only
+        repeat (``locked`` beside ``lock``; ``is_sending`` and
+        ``is_delete_remote``, which ``lifecycle`` says; the container's
+        ``bdev``, which ``list_dev`` shows) are left out.  The attributes and
+        locks are read once for the whole listing, not once per zvol.
+        """
+        attrs = self.store.all_zvol_attrs()
         locks = {lock.zvol: lock for lock in self.store.locks()}
         rows = []
         for z in self.store.all():
-            attrs = self.store.zvol_attrs(z.zvol)
+            if after is not None and z.zvol <= after:
+                continue
+            if limit is not None and len(rows) >= limit:
+                break
+            attr = attrs.get(z.zvol)
             job = self.sync.jobs.get(z.zvol)
-            moving = z.state in (State.UPLOADING.value, State.PULLING.value, State.FINAL_PULL.value)
-            rows.append({
+            moving = State(z.state) in MOVING
+            lock = locks.get(z.zvol)
+            row = {
                 "zvol": z.zvol, "zpool": z.zpool, "iscsi_target": z.iscsi_target,
                 "remotehost": z.remotehost, "remotepool": z.remotepool,
-                "state": display(z.state), "lifecycle": z.state, "sync": bool(z.sync),
+                "state": display(z.state), "lifecycle": z.state, "sync": bool(z.sync) or None,
                 "size": (z.size_bytes // naming.GIB) if z.size_bytes else None,
-                "bdev": z.bdev,
                 "time": (job.started if job else z.state_since) if moving else None,
                 "progress": job.progress.percent() if job and moving else None,
                 "rate": job.progress.rate() if job and moving else None,
-                "is_sending": (z.state == State.UPLOADING.value) if moving else None,
-                "is_delete_remote": (z.state == State.FINAL_PULL.value) if moving else None,
-                "nextsync": attrs.nextsync if attrs else None,
-                "frequency": attrs.frequency if attrs else None,
-                "locked": z.zvol in locks,
-                "lock": ({"action": locks[z.zvol].action, "since": locks[z.zvol].since}
-                         if z.zvol in locks else None),
-                "error": z.last_error,
-            })
+                "nextsync": attr.nextsync if attr else None,
+                "frequency": attr.frequency if attr else None,
+                "lock": {"action": lock.action, "since": lock.since} if lock else None,
+                "error": z.last_error, "failures": z.failures or None, "retry_at": z.retry_at,
+            }
+            rows.append({k: v for k, v in row.items() if v is not None})
         return rows
 
     def get_zvol_attrs(self, zvol: str) -> Dict:

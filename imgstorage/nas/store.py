@@ -5,7 +5,7 @@ import logging
 import os
 import time
 from contextlib import contextmanager
-from typing import Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 from sqlalchemy import Engine, delete, select
 from sqlalchemy.exc import IntegrityError
@@ -155,6 +155,11 @@ class NasStore:
     def zvol_attrs(self, zvol: str) -> Optional[ZvolAttr]:
         with self.session() as s:
             return s.get(ZvolAttr, zvol)
+
+    def all_zvol_attrs(self) -> Dict[str, ZvolAttr]:
+        """Every zvol's attributes at once, for a listing (one query, not one per zvol)."""
+        with self.session() as s:
+            return {a.zvol: a for a in s.scalars(select(ZvolAttr))}
 
     def set_zvol_attrs(self, zvol: str, values: dict) -> None:
         with self.session() as s, s.begin():

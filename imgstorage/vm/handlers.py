@@ -6,7 +6,7 @@ import time
 from contextlib import contextmanager
 from typing import Dict, Iterator
 
-from .. import naming, protocol
+from .. import naming, paging, protocol
 from ..drivers.base import ChapCredentials
 from ..errors import ValidationError
 from ..messaging import Envelope
@@ -144,7 +144,10 @@ def build(service: VmService) -> Dict[str, object]:
         return protocol.success("clean_zvol", zvol=zvol, **out)
 
     def list_dev(env: Envelope) -> dict:
-        return protocol.success("list_dev", node_type="mixed", body=service.list_dev())
+        request = paging.page_request(env.body)
+        page = paging.take(sorted(service.list_dev().items()), request)
+        return protocol.success("list_dev", node_type="mixed", body=dict(page.items),
+                                **page.reply_fields())
 
     def initiator_name(env: Envelope) -> dict:
         return protocol.success("initiator_name", initiator=service.initiator_name())
