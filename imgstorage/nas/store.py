@@ -11,7 +11,7 @@ from sqlalchemy import Engine, delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from ..errors import BusyError, NotFoundError
+from ..errors import BusyError, NotFoundError, StateError
 from .models import Attr, Lock, Zvol, ZvolAttr
 from .states import Event, next_state
 
@@ -93,6 +93,8 @@ class NasStore:
 
     def update(self, zvol: str, **fields) -> None:
         """Change columns that are not the state (errors, retry times, snapshots)."""
+        if "state" in fields or "prior_state" in fields:
+            raise StateError("a zvol's state changes only through a transition")
         with self.session() as s, s.begin():
             row = s.get(Zvol, zvol)
             if row is not None:

@@ -325,7 +325,7 @@ class VmService:
             log.warning("zvol %s: its writes were home when the daemon stopped; finishing the "
                         "teardown", zvol)
             self.finish_flushed(row)
-        elif state is State.MERGING:
+        elif state is State.MERGING and self.drivers.dm.exists(dm_name(zvol)):
             status = self.drivers.dm.status(dm_name(zvol))
             if status and status[0].target_type == "snapshot":
                 log.warning("zvol %s: the daemon stopped before its merge began; starting it",

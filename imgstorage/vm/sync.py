@@ -101,10 +101,9 @@ class ContainerSync:
         """
         zfs = self.drivers.zfs
         table = linear_table(row.devsize, zfs.device_path(row.remotepool, row.zvol))
-        status = self.drivers.dm.status(dm_name(row.zvol))
-        if not status:
-            self.drivers.dm.create(dm_name(row.zvol), table)
-        elif status[0].target_type != "linear":
+        if not self.drivers.dm.exists(dm_name(row.zvol)):
+            self.drivers.dm.create(dm_name(row.zvol), table)       # the host rebooted
+        elif self.drivers.dm.status(dm_name(row.zvol))[0].target_type != "linear":
             self._reload(row.zvol, table)
         if zfs.get_zvol(row.remotepool, temp_name(row.zvol)) is not None:
             zfs.destroy(row.remotepool, temp_name(row.zvol), recursive=True)

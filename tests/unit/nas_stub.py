@@ -26,6 +26,18 @@ HOST = "vm-container-0-14"
 Answer = Callable[[Dict], Dict]
 
 
+def put_row(store: NasStore, zvol: str, **fields) -> None:
+    """Write a row's columns, state included, as a daemon that stopped there left them.
+
+    Tests only: the daemons change a state through ``NasStore.transition``.
+    """
+    from imgstorage.nas.models import Zvol
+    with store.session() as s, s.begin():
+        row = s.get(Zvol, zvol)
+        for key, value in fields.items():
+            setattr(row, key, value)
+
+
 class Containers:
     """Answers of the containers by action; every request is recorded."""
 

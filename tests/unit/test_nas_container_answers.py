@@ -13,7 +13,7 @@ from imgstorage import naming
 from imgstorage.errors import RpcTimeout, StateError
 from imgstorage.nas.states import RUNNING_FROM_COPY, State
 
-from .nas_stub import HOST, NAS, POOL, nas_service, success
+from .nas_stub import HOST, NAS, POOL, nas_service, success, put_row
 
 INITIATOR = "iqn.2005-03.org.open-iscsi:" + HOST
 
@@ -33,7 +33,7 @@ def put(service, zvol: str, state: State, target: bool = False) -> str:
     if target:
         service.drivers.target.create_target(iqn, service.drivers.zfs.device_path(POOL, zvol),
                                              INITIATOR)
-    service.store.update(zvol, state=state.value, remotehost=HOST, remotepool=POOL,
+    put_row(service.store, zvol, state=state.value, remotehost=HOST, remotepool=POOL,
                          sync=state is not State.MAPPED, iscsi_target=iqn if target else None,
                          bdev="/dev/sdb")
     return iqn

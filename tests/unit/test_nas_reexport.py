@@ -12,6 +12,8 @@ from imgstorage.nas import reexport
 from imgstorage.nas.models import Base
 from imgstorage.nas.states import TARGET_IN_USE, State
 from imgstorage.nas.store import NasStore
+
+from .nas_stub import put_row
 from tests.unit.replay import ReplayRunner
 
 NAS, VMC = "nas-0-0", "compute-0-1"
@@ -165,7 +167,7 @@ T_INIT = "iqn.1993-08.org.debian:01:3f2b9c1d7e5a"
 def tgt_row(root, store):
     zfs.SimZfs(root, NAS).create_zvol("tank", "compute-0-1-0-vol", 4 * MIB, sparse=True)
     store.add("compute-0-1-0-vol", "tank", 4 * MIB)
-    store.update("compute-0-1-0-vol", state="mapped", remotehost="vm-container-0-1",
+    put_row(store, "compute-0-1-0-vol", state="mapped", remotehost="vm-container-0-1",
                  iscsi_target=T_IQN, initiator=T_INIT)
 
 

@@ -11,6 +11,8 @@ from imgstorage.nas.models import Base
 from imgstorage.nas.service import NasService
 from imgstorage.nas.store import NasStore
 
+from .nas_stub import put_row
+
 ZVOL = "vm-1-vol"
 
 
@@ -24,7 +26,7 @@ def nas(tmp_path):
     store.ensure_defaults()
     service = NasService(cfg, store, node_drivers(cfg))
     store.add(ZVOL, "tank", 1 << 30)
-    store.update(ZVOL, state="local", remotehost="compute-0-3", sync=True)
+    put_row(store, ZVOL, state="local", remotehost="compute-0-3", sync=True)
     started = []
     # the scheduler's decision is what is tested: record the pulls instead of running them
     service.sync.jobs.start = lambda zvol, kind, work: started.append((zvol, kind))
@@ -86,7 +88,7 @@ def test_an_unscheduled_zvol_gets_a_nextsync_and_no_pull(nas):
 
 def test_the_hand_over_to_local_is_the_first_recorded_pull(nas):
     service, _ = nas
-    service.store.update(ZVOL, state="merging")
+    put_row(service.store, ZVOL, state="merging")
     before = int(time.time())
     service.zvol_synced(ZVOL, True, None)
     attrs = service.store.zvol_attrs(ZVOL)

@@ -7,6 +7,8 @@ sessions and dm tables and keeps every zvol's bytes.
 """
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from imgstorage import naming
@@ -165,3 +167,78 @@ def test_a_merge_recorded_but_not_loaded_is_started_at_restart(world):
     service.store.transition(ZVOL, Event.MERGE)
     again = start()
     assert again.drivers.dm.status(f"{ZVOL}-snap")[0].target_type == "snapshot-merge"
+
+
+def merged_and_recorded(service: VmService) -> None:
+    """The copy arrived and merged; the monitor recorded it (``switching``) and then died."""
+    local = service.drivers.zfs.device_path(POOL, ZVOL)
+    dev(service.drivers.zfs.root, local).write(0, b"N" * MIB)
+    service.start_merge(ZVOL)
+    figures = service.sync.merge_figures(ZVOL)
+    while figures[0] != figures[2]:
+        service.drivers.dm.merge_step(f"{ZVOL}-snap", 1 << 16)
+        figures = service.sync.merge_figures(ZVOL)
+    service.store.transition(ZVOL, Event.MERGED)
+
+
+@pytest.mark.parametrize("rebooted", [False, True], ids=["killed", "rebooted"])
+def test_a_switch_to_the_local_copy_cut_short_is_finished_at_start(world, rebooted):
+    root, _nas, start, service = world
+    path = map_sync(service)
+    dev(root, path).write(0, b"L" * 4096)
+    merged_and_recorded(service)
+    assert service.row(ZVOL).state == "switching"
+    if rebooted:
+        reboot(root, HOST)
+    again = start()
+    assert again.row(ZVOL).state == "local"
+    assert again.drivers.dm.status(f"{ZVOL}-snap")[0].target_type == "linear"
+    assert again.drivers.zfs.get_zvol(POOL, f"{ZVOL}-temp-write") is None
+    assert again.drivers.initiator.sessions() == []
+    assert dev(root, path).read(0, 8192) == b"L" * 4096 + b"N" * 4096
+    # and the unmap that used to answer "still merging" hands the copy over
+    assert again.unmap_zvol(ZVOL, TARGET, 5) == {"local": True}
+    assert again.row(ZVOL).state == "detached_local"
+
+
+def test_a_flush_recorded_done_is_torn_down_at_start(world):
+    root, nas, start, service = world
+    path = map_sync(service)
+    dev(root, path).write(0, b"F" * 8192)
+    # the unmap's flush finished and was recorded; the daemon died before the teardown
+    service.store.transition(ZVOL, Event.FLUSH)
+    assert service.sync.flush_to_nas(service.row(ZVOL), time.monotonic() + 10)
+    service.store.transition(ZVOL, Event.FLUSHED)
+    again = start()
+    assert again.row(ZVOL) is None
+    assert not again.drivers.dm.exists(f"{ZVOL}-snap")
+    assert again.drivers.initiator.sessions() == []
+    assert again.drivers.zfs.get_zvol(POOL, ZVOL) is None
+    assert again.drivers.zfs.get_zvol(POOL, f"{ZVOL}-temp-write") is None
+    nas_disk = nas.zfs.device_path(POOL, ZVOL)
+    assert blockdev.open_device(root, NAS, nas_disk).read(0, 8192 + 4096) == \
+        b"F" * 8192 + b"N" * 4096
+
+
+def test_a_flush_cut_by_a_reboot_resumes_and_every_write_reaches_the_nas(world, monkeypatch):
+    from imgstorage.drivers.sim import dm as sim_dm
+    root, nas, start, service = world
+    path = map_sync(service)
+    writes = bytes(range(256)) * 64                  # 16 KiB: two chunks and a bit
+    dev(root, path).write(8192 * 3, writes)
+    monkeypatch.setattr(sim_dm.policy, "rate", 0.0)   # the merge makes no progress by itself
+    with pytest.raises(StateError, match="still writing the VM's changes back"):
+        service.unmap_zvol(ZVOL, TARGET, 1)
+    assert service.row(ZVOL).state == "flushing"
+    service.drivers.dm.merge_step(f"{ZVOL}-snap", 1)  # one chunk went home before the reboot
+    reboot(root, HOST)
+    again = start()
+    status = again.drivers.dm.status(f"{ZVOL}-snap")[0]
+    assert status.target_type == "snapshot-merge"
+    assert again.row(ZVOL).state == "flushing"
+    monkeypatch.setattr(sim_dm.policy, "rate", 1e6)
+    assert again.unmap_zvol(ZVOL, TARGET, 10) == {"local": False}
+    assert again.row(ZVOL) is None
+    nas_disk = nas.zfs.device_path(POOL, ZVOL)
+    got = blockdev.open_device(root, NAS, nas_disk).read(0, 8192 * 3 + len(writes) + 4096)
+    assert got == b"N" * (8192 * 3) + writes + b"N" * 4096
