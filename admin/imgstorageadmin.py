@@ -571,8 +571,7 @@ class NasAdmin(RoleAdmin):
         if row.state == State.DELETING.value:
             raise AdminError(f"{zvol} is being deleted; it has no mapping to remove")
         # a pull cut short would otherwise resume into a cycle that is over
-        if self.drivers.zfs.get_zvol(row.zpool, zvol) is not None:
-            self.drivers.zfs.abort_resume(row.zpool, zvol)
+        self.drivers.zfs.abort_resume(row.zpool, zvol)
         store.clean(zvol)
         return f"{zvol}: mapping removed ({before} -> unmapped)"
 
