@@ -59,7 +59,7 @@ def add(root, store, zvol, state, chap=True, export=True, host=VMC):
                   chap_secret="secret-0123456" if chap else None)
     if state in ("local", "pulling", "unmapped"):
         fields.update(iscsi_target=None)
-    store.update(zvol, **fields)
+    put_row(store, zvol, **fields)
     if export and fields["iscsi_target"]:
         target.SimTarget(root, NAS).create_target(
             iqn(zvol), f"/dev/zvol/tank/{zvol}", me(root),

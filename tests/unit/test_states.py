@@ -71,7 +71,8 @@ def test_the_arrival_of_the_final_pull_is_recorded_before_the_copy_is_released()
     a restarted daemon finds ``releasing`` and asks the container again."""
     assert next_state(State.FINAL_PULL.value, Event.PULLED) == State.RELEASING
     assert next_state(State.RELEASING.value, Event.RELEASED) == State.UNMAPPED
-    assert {e for (s, e) in TRANSITIONS if s is State.RELEASING} == {Event.RELEASED}
+    assert {e for (s, e) in TRANSITIONS if s is State.RELEASING} == {Event.RELEASED,
+                                                                       Event.CLEANED}
     for event in (Event.MAP, Event.UNMAP, Event.DELETE, Event.FAILED, Event.PULLED):
         with pytest.raises(StateError, match=f"cannot {event.value} a zvol that is releasing"):
             next_state(State.RELEASING.value, event)
