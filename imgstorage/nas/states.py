@@ -45,7 +45,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Dict, Optional, Tuple, Union
 
-from ..errors import StateError
+from .. import statemachine
 
 
 class State(str, Enum):
@@ -81,7 +81,7 @@ class Event(str, Enum):
 
 
 GONE = None            # the row is removed
-PRIOR = "prior"        # back to the state recorded when the operation began
+PRIOR = statemachine.PRIOR        # back to the state recorded when the operation began
 
 Target = Union[State, None, str]
 
@@ -177,20 +177,7 @@ TARGET_IN_USE = frozenset({State.MAPPED, State.UPLOADING, State.MERGING, State.U
 
 def next_state(current: str, event: Event, prior: Optional[str] = None) -> Optional[State]:
     """The state after ``event``; StateError when the event is not allowed now."""
-    try:
-        state = State(current)
-    except ValueError:
-        raise StateError(f"unknown zvol state {current!r}") from None
-    key = (state, event)
-    if key not in TRANSITIONS:
-        raise StateError(f"cannot {event.value} a zvol that is {state.value}")
-    target = TRANSITIONS[key]
-    if target == PRIOR:
-        try:
-            return State(prior)
-        except ValueError:
-            raise StateError(f"zvol has no valid prior state to return to ({prior!r})") from None
-    return target
+    return statemachine.apply(TRANSITIONS, State, current, event, prior, "zvol")
 
 
 def display(state: str) -> str:

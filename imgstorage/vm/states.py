@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Dict, FrozenSet, Optional, Tuple, Union
 
-from ..errors import StateError
+from .. import statemachine
 from ..protocol import ContainerState as State
 
 
@@ -65,7 +65,7 @@ class Event(str, Enum):
 
 
 GONE = None             # the row is removed
-PRIOR = "prior"         # back to the state recorded when the row broke
+PRIOR = statemachine.PRIOR         # back to the state recorded when the row broke
 
 Target = Union[State, None, str]
 
@@ -174,20 +174,7 @@ RECEIVING: FrozenSet[State] = frozenset({State.SNAPSHOT})
 
 def next_state(current: str, event: Event, prior: Optional[str] = None) -> Optional[State]:
     """The state after ``event``; StateError when the event is not allowed now."""
-    try:
-        state = State(current)
-    except ValueError:
-        raise StateError(f"unknown container state {current!r}") from None
-    key = (state, event)
-    if key not in TRANSITIONS:
-        raise StateError(f"cannot {event.value} a zvol that is {state.value}")
-    target = TRANSITIONS[key]
-    if target == PRIOR:
-        try:
-            return State(prior)
-        except ValueError:
-            raise StateError(f"zvol has no valid prior state to return to ({prior!r})") from None
-    return target
+    return statemachine.apply(TRANSITIONS, State, current, event, prior, "container")
 
 
 __all__ = ["State", "Event", "Kernel", "KERNEL", "TRANSITIONS", "GONE", "PRIOR", "START",
