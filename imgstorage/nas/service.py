@@ -67,7 +67,8 @@ class NasService:
                 if row.remotehost == remotehost and bool(row.sync) == sync:
                     log.info("zvol %s is already mapped to %s; answering with its device",
                              zvol, remotehost)
-                    return {"bdev": row.bdev, "target": row.iscsi_target}
+                    bdev = row.bdev if sync else self._current_disk(row, size_gb, timeout)
+                    return {"bdev": bdev, "target": row.iscsi_target}
                 raise StateError(f"Error when mapping zvol: {zvol} is already mapped to {row.remotehost}")
             if row.state in (State.FINAL_PULL.value, State.RELEASING.value):
                 raise StateError(f"ZVol {zvol} is still being synced home from {row.remotehost} "
@@ -136,6 +137,33 @@ class NasService:
         if sync:
             self.sync.wake()
         return {"bdev": bdev, "target": target}
+
+    def _current_disk(self, row, size_gb: int, timeout: float) -> str:
+        """The iSCSI disk a direct mapping has on its container now.
+
+        A container that rebooted logged in again and its disk may carry
+        another ``/dev/sdX`` name than the one recorded at map time; a VM
+        started on the recorded one could get another VM's disk.  The
+        container answers a repeated map of the same target with its current
+        device (it changes nothing there).
+        """
+        message = {"action": "map_zvol", "target": row.iscsi_target, "nas": self.portal(),
+                   "nas_node": self.name, "zvol": row.zvol, "size": size_gb,
+                   "volsize": row.size_bytes, "sync": False, "remotehost": row.remotehost}
+        if row.chap_user and row.chap_secret:
+            message["chap"] = {"userid": row.chap_user, "password": row.chap_secret}
+        try:
+            bdev = self.remote(row.remotehost, message, timeout).get("bdev")
+        except ImgStorageError as exc:
+            raise ImgStorageError(f"ZVol {row.zvol} is mapped to {row.remotehost}, which could "
+                                  f"not confirm its device: {exc}") from None
+        if not isinstance(bdev, str) or not bdev.startswith("/dev/"):
+            raise ImgStorageError(f"compute node {row.remotehost} answered without a block device")
+        if bdev != row.bdev:
+            log.warning("zvol %s: its disk on %s is %s now (was %s)", row.zvol, row.remotehost,
+                        bdev, row.bdev)
+            self.store.update(row.zvol, bdev=bdev)
+        return bdev
 
     def _rollback_map(self, zvol: str, target: Optional[str], exc: Exception,
                       release: Optional[str] = None) -> None:

@@ -141,7 +141,9 @@ class VmService:
         existing = self.row(zvol)
         if existing is not None and existing.iscsi_target == target \
                 and State(existing.state) is State.ATTACHED \
-                and existing.chap_user != (chap.userid if chap else None):
+                and existing.chap_user is not None and chap is not None \
+                and existing.chap_user != chap.userid \
+                and not (existing.bdev and self.drivers.blockdev.in_use(existing.bdev)):
             # A direct attachment of an earlier mapping the NAS has since rolled back
             # (its answer came too late): nothing of the VM is here, so let it go.
             log.warning("zvol %s: dropping the attachment of an earlier mapping of %s",

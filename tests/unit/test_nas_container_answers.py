@@ -10,7 +10,7 @@ import time
 import pytest
 
 from imgstorage import naming
-from imgstorage.errors import RpcTimeout, StateError
+from imgstorage.errors import ImgStorageError, RpcTimeout, StateError
 from imgstorage.nas.states import RUNNING_FROM_COPY, State
 
 from .nas_stub import HOST, NAS, POOL, nas_service, success, put_row
@@ -34,8 +34,8 @@ def put(service, zvol: str, state: State, target: bool = False) -> str:
         service.drivers.target.create_target(iqn, service.drivers.zfs.device_path(POOL, zvol),
                                              INITIATOR)
     put_row(service.store, zvol, state=state.value, remotehost=HOST, remotepool=POOL,
-                         sync=state is not State.MAPPED, iscsi_target=iqn if target else None,
-                         bdev="/dev/sdb")
+            sync=state is not State.MAPPED, iscsi_target=iqn if target else None,
+            bdev="/dev/sdb")
     return iqn
 
 
@@ -157,3 +157,32 @@ def test_a_map_the_container_refused_is_not_released_there(nas):
         service.map_zvol(zvol, POOL, HOST, 1, None, False, 3)
     assert containers.actions() == ["initiator_name", "map_zvol"]
     assert service.store.get(zvol).state == State.UNMAPPED.value
+
+
+# ------------------------------------- map of a zvol already mapped (direct)
+def test_an_already_mapped_direct_zvol_is_answered_with_the_containers_disk_now(nas):
+    """A container that rebooted logged in again; its disk may have another name."""
+    service, containers = nas
+    iqn = put(service, "vol-d", State.MAPPED, target=True)
+    put_row(service.store, "vol-d", sync=False, chap_user="imgstorage-0123abcd",
+            chap_secret="s3cret-s3cret-12")
+    containers.answers["map_zvol"] = success(bdev="/dev/sdc")
+    assert service.map_zvol("vol-d", POOL, HOST, 1, None, False, 5) == {"bdev": "/dev/sdc",
+                                                                        "target": iqn}
+    assert service.store.get("vol-d").bdev == "/dev/sdc"
+    (_node, message), = containers.requests
+    assert message["chap"] == {"userid": "imgstorage-0123abcd", "password": "s3cret-s3cret-12"}
+    assert (message["target"], message["sync"]) == (iqn, False)
+
+
+def test_an_already_mapped_direct_zvol_whose_container_cannot_confirm_is_an_error(nas):
+    service, containers = nas
+    put(service, "vol-e", State.MAPPED, target=True)
+    put_row(service.store, "vol-e", sync=False)
+    containers.answers["map_zvol"] = lambda m: {"action": "map_zvol", "status": "error",
+                                                "error": "zvol vol-e is already broken"}
+    with pytest.raises(ImgStorageError, match="could not confirm its device") as err:
+        service.map_zvol("vol-e", POOL, HOST, 1, None, False, 5)
+    assert "\n" not in str(err.value)
+    row = service.store.get("vol-e")
+    assert (row.state, row.bdev) == ("mapped", "/dev/sdb")
