@@ -74,7 +74,7 @@ def test_a_container_killed_while_merging_finishes_the_merge(kc):
     c, zvol, host = kc, "kill-merge-vm", SLOW
     rng = random.Random(zvol)
     image, tail = prepare_zvol(c, zvol, host, 256 * KIB, seed=12)
-    set_zvolattr(c, zvol, "uploadspeed", 100000)          # about 4 s: the writes go to temp
+    set_zvolattr(c, zvol, "uploadspeed", 30000)           # about 10 s: the writes go to temp
     dev = sync_map(c, zvol, host)
     do_writes(c, host, dev, image, phase_writes(rng, 4, big=MIB, zeros=True))
     assert nas_row(c, zvol)["state"] == "uploading", "the copy ended before the writes did"
@@ -100,7 +100,7 @@ def test_a_merge_report_lost_while_the_nas_was_down_is_noticed(kc):
     c, zvol, host = kc, "kill-merge-nas", SLOW
     rng = random.Random(zvol)
     image, tail = prepare_zvol(c, zvol, host, 256 * KIB, seed=13)
-    set_zvolattr(c, zvol, "uploadspeed", 100000)          # about 4 s: the writes go to temp
+    set_zvolattr(c, zvol, "uploadspeed", 30000)           # about 10 s: the writes go to temp
     dev = sync_map(c, zvol, host)
     do_writes(c, host, dev, image, phase_writes(rng, 4, big=MIB // 2, zeros=True))
     assert nas_row(c, zvol)["state"] == "uploading", "the copy ended before the writes did"

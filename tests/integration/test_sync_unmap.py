@@ -44,7 +44,7 @@ def test_unmap_in_any_phase_brings_every_write_home(sync_cluster, phase, host):
         set_zvolattr(c, zvol, "uploadspeed", 500000)
     elif phase == "pull":
         set_zvolattr(c, zvol, "frequency", 2)
-        set_zvolattr(c, zvol, "downloadspeed", 300000)
+        set_zvolattr(c, zvol, "downloadspeed", 100000)
     dev = sync_map(c, zvol, host)
     do_writes(c, host, dev, image,
               phase_writes(rng, 4, big=MIB if phase == "merge" else 64 * KIB, zeros=True))
@@ -64,7 +64,7 @@ def test_unmap_in_any_phase_brings_every_write_home(sync_cluster, phase, host):
         wait_local(c, host, zvol)
         do_writes(c, host, dev, image, phase_writes(rng, 4))
         if phase == "pull":
-            # enough changed data that the next pull lasts seconds at 300 kB/s
+            # enough changed data that the next pull lasts about ten seconds at 100 kB/s
             write_between_pulls(c, zvol, host, dev, image,
                                 [(4 * MIB, rng.randbytes(MIB)), (7 * MIB + 1, rng.randbytes(999))])
             wait_display(c, zvol, "NAS<-VM sched")
