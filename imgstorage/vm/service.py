@@ -372,6 +372,8 @@ class VmService:
         pull, so it is held here from now on.
         """
         row = self.require(zvol, State.SNAPSHOT, State.MERGING, State.SWITCHING, State.LOCAL)
+        if row.state in (State.SWITCHING.value, State.LOCAL.value):
+            return          # merged already (a repeated request); the holds are the pulls' now
         if snap:
             syncsnaps.hold_only(self.drivers.zfs, row.remotepool, zvol, {snap})
         if row.state != State.SNAPSHOT.value:
