@@ -71,7 +71,12 @@ def _existing_zvols(drivers: NodeDrivers) -> Optional[set]:
         return None
 
 
-def reexport_targets(store: NasStore, drivers: NodeDrivers) -> ReexportReport:
+SETTLE = 30.0          # seconds a failed export is tried again at start
+SETTLE_POLL = 1.0
+
+
+def reexport_targets(store: NasStore, drivers: NodeDrivers,
+                     settle: float = SETTLE) -> ReexportReport:
     """Export again every target a container uses that the kernel lost; report what it did."""
     started = time.monotonic()
     report = ReexportReport()
@@ -81,13 +86,29 @@ def reexport_targets(store: NasStore, drivers: NodeDrivers) -> ReexportReport:
         zvols = _existing_zvols(drivers)
         for row in rows:
             _reexport_one(row, drivers, targets, zvols, report)
+    # Right after a boot udev may still be creating the zvols' device links: a failed
+    # export is tried again for a little while before the daemon gives up on it.
+    deadline = time.monotonic() + settle
+
+    def retryable():
+        return [r for r in rows if r.zvol in report.failed and r.iscsi_target and r.initiator]
+
+    while retryable() and time.monotonic() < deadline:
+        time.sleep(SETTLE_POLL)
+        again = retryable()
+        report.failed = [name for name in report.failed if name not in {r.zvol for r in again}]
+        for row in again:
+            _reexport_one(row, drivers, None, None, report, quiet=True)
+    for row in retryable():
+        log.error("zvol %s: its target could not be exported again; unmap it or clean it",
+                  row.zvol)
     report.seconds = time.monotonic() - started
     _summarise(report)
     return report
 
 
 def _reexport_one(row, drivers: NodeDrivers, targets: Optional[Dict[str, TargetInfo]],
-                  zvols: Optional[set], report: ReexportReport) -> None:
+                  zvols: Optional[set], report: ReexportReport, quiet: bool = False) -> None:
     name = row.zvol
     if not row.iscsi_target or not row.initiator:
         log.error("zvol %s is %s but its record has no %s: its target cannot be exported "
@@ -118,8 +139,9 @@ def _reexport_one(row, drivers: NodeDrivers, targets: Optional[Dict[str, TargetI
                 if row.chap_user and row.chap_secret else None)
         drivers.target.create_target(row.iscsi_target, device, row.initiator, chap)
     except ImgStorageError as exc:
-        log.error("could not export zvol %s (%s) again as %s: %s", name, row.state,
-                  row.iscsi_target, exc)
+        (log.debug if quiet else log.error)(
+            "could not export zvol %s (%s) again as %s: %s%s", name, row.state,
+            row.iscsi_target, exc, "" if quiet else "; trying again for a while")
         report.failed.append(name)
         return
     log.info("re-exported %s as %s to %s (%s, zvol %s%s)", device, row.iscsi_target,

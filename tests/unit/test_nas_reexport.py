@@ -151,9 +151,36 @@ def test_a_driver_failure_on_one_target_is_logged_and_the_rest_go_on(root, store
             real.create_target(name, *args)
 
     with caplog.at_level(logging.INFO, logger=LOG):
-        report = reexport.reexport_targets(store, drivers(root, Flaky()))
+        report = reexport.reexport_targets(store, drivers(root, Flaky()), settle=0)
     assert report.failed == ["a-vol"] and report.exported == ["b-vol"]
     assert any("configfs said no" in r.getMessage() for r in caplog.records)
+
+
+def test_an_export_that_fails_while_the_device_links_settle_is_tried_again(root, store, caplog,
+                                                                            monkeypatch):
+    add(root, store, "a-vol", "mapped")
+    add(root, store, "b-vol", "mapped")
+    reboot.reboot(root, NAS)
+    real = target.SimTarget(root, NAS)
+    tries = []
+    monkeypatch.setattr(reexport, "SETTLE_POLL", 0.01)
+
+    class Settling:
+        def list_targets(self):
+            return real.list_targets()
+
+        def create_target(self, name, *args):
+            tries.append(name)
+            if name == iqn("a-vol") and tries.count(name) < 3:
+                from imgstorage.errors import DriverError
+                raise DriverError("/dev/zvol/tank/a-vol: No such file or directory")
+            real.create_target(name, *args)
+
+    with caplog.at_level(logging.INFO, logger=LOG):
+        report = reexport.reexport_targets(store, drivers(root, Settling()), settle=10)
+    assert report.failed == [] and sorted(report.exported) == ["a-vol", "b-vol"]
+    assert tries.count(iqn("a-vol")) == 3 and tries.count(iqn("b-vol")) == 1
+    assert set(target.read_targets(root, NAS)) == {iqn("a-vol"), iqn("b-vol")}
 
 
 # ------------------------------------------------------------- the real tgt driver
