@@ -154,6 +154,9 @@ class VmService:
             existing = None
         if existing is not None:
             if existing.iscsi_target == target and State(existing.state) in IN_SERVICE:
+                if chap is not None and existing.chap_user is None:
+                    # a row of an older release: keep the login's credentials for a rebuild
+                    self.store.update(zvol, chap_user=chap.userid, chap_secret=chap.password)
                 return f"/dev/mapper/{dm_name(zvol)}" if existing.sync else existing.bdev
             raise StateError(f"zvol {zvol} is already {existing.state} on {self.config.name}")
         self.store.add(zvol, nas=nas, iscsi_target=target, remotepool=pool if sync else None,
