@@ -242,3 +242,16 @@ def test_a_flush_cut_by_a_reboot_resumes_and_every_write_reaches_the_nas(world, 
     nas_disk = nas.zfs.device_path(POOL, ZVOL)
     got = blockdev.open_device(root, NAS, nas_disk).read(0, 8192 * 3 + len(writes) + 4096)
     assert got == b"N" * (8192 * 3) + writes + b"N" * 4096
+
+
+def test_a_row_of_an_older_release_learns_its_chap_from_a_repeated_map_and_rebuilds(world):
+    root, _nas, start, service = world
+    bdev = service.map_zvol(ZVOL, TARGET, NAS, False, None, CHAP, 10)
+    service.store.update(ZVOL, chap_user=None, chap_secret=None)   # as an older release kept it
+    assert service.map_zvol(ZVOL, TARGET, NAS, False, None, CHAP, 10) == bdev
+    assert (service.row(ZVOL).chap_user, service.row(ZVOL).chap_secret) == (CHAP.userid,
+                                                                         CHAP.password)
+    reboot(root, HOST)
+    again = start()
+    assert again.row(ZVOL).last_error is None
+    assert dev(root, bdev).read(0, 4) == b"NNNN"
