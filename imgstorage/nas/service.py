@@ -245,15 +245,21 @@ class NasService:
             log.error("container %s could not merge %s: %s", row.remotehost, zvol, error)
             self.store.update(zvol, last_error=f"merge failed: {error}"[:1000])
             return
-        if row.state == State.MERGING.value:
-            if row.iscsi_target:
-                self.drivers.target.delete_target(row.iscsi_target)
+        if row.state != State.MERGING.value:
+            log.info("zvol %s: merge report ignored in state %s", zvol, row.state)
+            return
+        # Recorded first: an unmap that starts now finds no target of its own to delete,
+        # and one that started a moment ago wins (the report is then ignored).
+        try:
             self.store.transition(zvol, Event.SYNCED, iscsi_target=None, last_error=None,
                                   retry_at=None, failures=0)
-            self.store.set_zvol_attrs(zvol, self.sync.pulled(zvol))
-            log.info("zvol %s runs from its local copy on %s", zvol, row.remotehost)
-        else:
-            log.info("zvol %s: merge report ignored in state %s", zvol, row.state)
+        except StateError as exc:
+            log.info("zvol %s: merge report ignored (%s)", zvol, exc)
+            return
+        self.store.set_zvol_attrs(zvol, self.sync.pulled(zvol))
+        if row.iscsi_target:
+            self._delete_target(row.iscsi_target)
+        log.info("zvol %s runs from its local copy on %s", zvol, row.remotehost)
 
     # -- delete -------------------------------------------------------------
     def del_zvol(self, zvol: str, zpool: str) -> Dict:

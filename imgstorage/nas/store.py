@@ -12,6 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ..errors import BusyError, NotFoundError, StateError
+from ..db import claim_row
 from .models import Attr, Lock, Zvol, ZvolAttr
 from .states import Event, next_state
 
@@ -104,6 +105,7 @@ class NasStore:
     def transition(self, zvol: str, event: Event, **fields) -> Optional[Zvol]:
         """Apply a state machine event and the given column updates atomically."""
         with self.session() as s, s.begin():
+            claim_row(s, Zvol.zvol, zvol)
             row = s.get(Zvol, zvol)
             if row is None:
                 raise NotFoundError(f"ZVol {zvol} not found in database")

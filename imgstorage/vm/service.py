@@ -34,11 +34,17 @@ LOCK_WAIT = 10.0          # a starting daemon waits this long for a zvol's lock
 
 
 def wait_for(condition: Callable[[], object], timeout: float, interval: float = POLL):
-    """Poll ``condition`` until it returns something true or ``timeout`` passes."""
+    """Poll ``condition`` until it returns something true or ``timeout`` passes.
+
+    A check that takes a while (``fuser`` on a slow host) is not started when
+    it would end past the deadline: the caller's answer must not be late.
+    """
     deadline = time.monotonic() + timeout
     while True:
+        began = time.monotonic()
         value = condition()
-        if value or time.monotonic() >= deadline:
+        took = time.monotonic() - began
+        if value or time.monotonic() + interval + took >= deadline:
             return value
         time.sleep(interval)
 

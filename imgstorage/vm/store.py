@@ -15,6 +15,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from ..errors import NotFoundError, StateError
+from ..db import claim_row
 from .models import VmZvol
 from .states import START, Event, State, next_state
 
@@ -60,6 +61,7 @@ class VmStore:
     def transition(self, zvol: str, event: Event, **fields) -> Optional[VmZvol]:
         """Apply ``event`` and the given column updates atomically; None when the row is gone."""
         with self.session() as s, s.begin():
+            claim_row(s, VmZvol.zvol, zvol)
             row = s.get(VmZvol, zvol)
             if row is None:
                 raise NotFoundError(f"zvol {zvol} is not attached here")
