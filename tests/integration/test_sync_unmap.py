@@ -39,7 +39,7 @@ def test_unmap_in_any_phase_brings_every_write_home(sync_cluster, phase, host):
     if phase == "start":
         set_zvolattr(c, zvol, "uploadspeed", 100000)
     elif phase == "copy":
-        set_zvolattr(c, zvol, "uploadspeed", 300000)      # cancelled by the unmap anyway
+        set_zvolattr(c, zvol, "uploadspeed", 100000)      # cancelled by the unmap anyway
     elif phase == "merge":
         set_zvolattr(c, zvol, "uploadspeed", 500000)
     elif phase == "pull":
