@@ -163,7 +163,7 @@ def test_busy_lock_and_a_silent_container(cluster):
     try:
         slow = subprocess.Popen(
             [*cluster_cmd(cluster), "add", "host", "storagemap", "nas-0-0", "tank", "busyvol",
-             "vm-container-0-14", "1", "timeout=6"],
+             "vm-container-0-14", "1", "timeout=12"],
             env=cluster.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         wait_for_lock(cluster, "busyvol")
         fails(cluster.rocks("add", "host", "storagemap", "nas-0-0", "tank", "busyvol",
