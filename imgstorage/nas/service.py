@@ -110,12 +110,8 @@ class NasService:
                 self.drivers.target.create_target(
                     target, self.drivers.zfs.device_path(zpool, zvol), initiator, chap)
                 target_made = True
-                message = {"action": "map_zvol", "target": target, "nas": self.portal(),
-                           "nas_node": self.name, "zvol": zvol, "size": size_gb,
-                           "volsize": size_bytes, "sync": sync,
-                           "remotehost": remotehost, "remotepool": remotepool}
-                if chap:
-                    message["chap"] = {"userid": chap.userid, "password": chap.password}
+                message = self._map_message(zvol, target, size_gb, size_bytes, sync,
+                                            remotehost, remotepool, chap)
                 asked = True
                 reply = rpc.call(remotehost, message, _left(deadline))
             if reply.get("status") != "success":
@@ -138,6 +134,17 @@ class NasService:
             self.sync.wake()
         return {"bdev": bdev, "target": target}
 
+    def _map_message(self, zvol: str, target: str, size_gb: int, size_bytes: Optional[int],
+                     sync: bool, remotehost: str, remotepool: Optional[str],
+                     chap: Optional[ChapCredentials]) -> Dict:
+        """The map_zvol request a container gets, the first time and when asked again."""
+        message = {"action": "map_zvol", "target": target, "nas": self.portal(),
+                   "nas_node": self.name, "zvol": zvol, "size": size_gb, "volsize": size_bytes,
+                   "sync": sync, "remotehost": remotehost, "remotepool": remotepool}
+        if chap:
+            message["chap"] = {"userid": chap.userid, "password": chap.password}
+        return message
+
     def _current_disk(self, row, size_gb: int, timeout: float) -> str:
         """The iSCSI disk a direct mapping has on its container now.
 
@@ -147,11 +154,10 @@ class NasService:
         container answers a repeated map of the same target with its current
         device (it changes nothing there).
         """
-        message = {"action": "map_zvol", "target": row.iscsi_target, "nas": self.portal(),
-                   "nas_node": self.name, "zvol": row.zvol, "size": size_gb,
-                   "volsize": row.size_bytes, "sync": False, "remotehost": row.remotehost}
-        if row.chap_user and row.chap_secret:
-            message["chap"] = {"userid": row.chap_user, "password": row.chap_secret}
+        chap = (ChapCredentials(row.chap_user, row.chap_secret)
+                if row.chap_user and row.chap_secret else None)
+        message = self._map_message(row.zvol, row.iscsi_target, size_gb, row.size_bytes, False,
+                                    row.remotehost, None, chap)
         try:
             bdev = self.remote(row.remotehost, message, timeout).get("bdev")
         except ImgStorageError as exc:
