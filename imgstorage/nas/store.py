@@ -7,12 +7,11 @@ import time
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Optional
 
-from sqlalchemy import Engine, delete, select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
-from ..errors import BusyError, NotFoundError, StateError
-from ..db import claim_row
+from ..errors import BusyError, NotFoundError
+from ..rowstore import StateStore
 from .models import Attr, Lock, Zvol, ZvolAttr
 from .states import Event, next_state
 
@@ -27,12 +26,15 @@ UNMAPPED_COLUMNS = dict(remotehost=None, remotepool=None, iscsi_target=None, bde
                         last_error=None)
 
 
-class NasStore:
-    def __init__(self, engine: Engine):
-        self.engine = engine
+class NasStore(StateStore):
+    model = Zvol
+    next_state = staticmethod(next_state)
+    keeps_prior = frozenset({Event.UNMAP})
+    clears_prior = frozenset({Event.CLEANED})
+    missing = "ZVol {zvol} not found in database"
 
-    def session(self) -> Session:
-        return Session(self.engine, expire_on_commit=False)
+    def _where(self, row) -> str:
+        return f"{row.remotehost or 'no host'}; "
 
     def ensure_defaults(self) -> None:
         with self.session() as s, s.begin():
@@ -91,43 +93,6 @@ class NasStore:
                        sync=False, state_since=time.time())
             s.add(row)
         return row
-
-    def update(self, zvol: str, **fields) -> None:
-        """Change columns that are not the state (errors, retry times, snapshots)."""
-        if "state" in fields or "prior_state" in fields:
-            raise StateError("a zvol's state changes only through a transition")
-        with self.session() as s, s.begin():
-            row = s.get(Zvol, zvol)
-            if row is not None:
-                for key, value in fields.items():
-                    setattr(row, key, value)
-
-    def transition(self, zvol: str, event: Event, **fields) -> Optional[Zvol]:
-        """Apply a state machine event and the given column updates atomically."""
-        with self.session() as s, s.begin():
-            claim_row(s, Zvol.zvol, zvol)
-            row = s.get(Zvol, zvol)
-            if row is None:
-                raise NotFoundError(f"ZVol {zvol} not found in database")
-            old = row.state
-            new = next_state(old, event, row.prior_state)
-            if new is None:
-                s.delete(row)
-                log.info("zvol %s: %s -> (removed) after %.1fs", zvol, old,
-                         time.time() - row.state_since)
-                return None
-            for key, value in fields.items():
-                setattr(row, key, value)
-            if event is Event.UNMAP:
-                row.prior_state = old
-            elif event is Event.CLEANED:
-                row.prior_state = None
-            row.state = new.value
-            duration = time.time() - row.state_since
-            row.state_since = time.time()
-            log.info("zvol %s: %s -> %s on %s (%s in %s for %.1fs)", zvol, old, new.value,
-                     event.value, row.remotehost or "no host", old, duration)
-            return row
 
     def clean(self, zvol: str) -> Optional[Zvol]:
         """Forget a zvol's mapping, from whatever state it is in, as ``unmapped``.

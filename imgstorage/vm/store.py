@@ -11,23 +11,22 @@ import logging
 import time
 from typing import List, Optional
 
-from sqlalchemy import Engine, select
-from sqlalchemy.orm import Session
+from sqlalchemy import select
 
-from ..errors import NotFoundError, StateError
-from ..db import claim_row
+from ..rowstore import StateStore
 from .models import VmZvol
 from .states import START, Event, State, next_state
 
 log = logging.getLogger(__name__)
 
 
-class VmStore:
-    def __init__(self, engine: Engine):
-        self.engine = engine
-
-    def session(self) -> Session:
-        return Session(self.engine, expire_on_commit=False)
+class VmStore(StateStore):
+    model = VmZvol
+    next_state = staticmethod(next_state)
+    keeps_prior = frozenset({Event.BROKE})
+    clears_prior = frozenset({Event.REBUILT})
+    missing = "zvol {zvol} is not attached here"
+    what = "row"
 
     def get(self, zvol: str) -> Optional[VmZvol]:
         with self.session() as s:
@@ -47,40 +46,3 @@ class VmStore:
             s.add(row)
         log.info("zvol %s: (new) -> %s", zvol, START.value)
         return row
-
-    def update(self, zvol: str, **fields) -> None:
-        """Change columns that are not the state (device, errors, figures)."""
-        if "state" in fields or "prior_state" in fields:
-            raise StateError("a row's state changes only through a transition")
-        with self.session() as s, s.begin():
-            row = s.get(VmZvol, zvol)
-            if row is not None:
-                for key, value in fields.items():
-                    setattr(row, key, value)
-
-    def transition(self, zvol: str, event: Event, **fields) -> Optional[VmZvol]:
-        """Apply ``event`` and the given column updates atomically; None when the row is gone."""
-        with self.session() as s, s.begin():
-            claim_row(s, VmZvol.zvol, zvol)
-            row = s.get(VmZvol, zvol)
-            if row is None:
-                raise NotFoundError(f"zvol {zvol} is not attached here")
-            old = row.state
-            new = next_state(old, event, row.prior_state)
-            since = time.time() - (row.state_since or time.time())
-            if new is None:
-                s.delete(row)
-                log.info("zvol %s: %s -> (removed) on %s after %.1fs", zvol, old, event.value,
-                         since)
-                return None
-            for key, value in fields.items():
-                setattr(row, key, value)
-            if event is Event.BROKE:
-                row.prior_state = old
-            elif event is Event.REBUILT:
-                row.prior_state = None
-            row.state = new.value
-            row.state_since = time.time()
-            log.info("zvol %s: %s -> %s on %s (%.1fs in %s)", zvol, old, new.value, event.value,
-                     since, old)
-            return row

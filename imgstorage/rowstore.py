@@ -1,0 +1,80 @@
+"""What the NAS's and the container's stores share: a row's state changes only here.
+
+Each side keeps one row per zvol with ``state``, ``prior_state`` and
+``state_since`` columns and one transition table (nas/states.py,
+vm/states.py).  ``transition`` applies an event under the database's write
+lock (db.claim_row), so two threads changing one zvol see each other's
+outcome; ``update`` changes every other column and refuses the state.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from enum import Enum
+from typing import Callable, FrozenSet, Optional
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from .db import claim_row
+from .errors import NotFoundError, StateError
+
+log = logging.getLogger(__name__)
+
+
+class StateStore:
+    """A side's store; subclasses name their model, table and wording."""
+
+    model: type                                   # the mapped row class, keyed by ``zvol``
+    next_state: Callable[..., Optional[Enum]]     # the side's states.next_state
+    keeps_prior: FrozenSet[Enum] = frozenset()    # events that record the state left
+    clears_prior: FrozenSet[Enum] = frozenset()   # events that forget it
+    missing = "zvol {zvol} not found"             # the error of an unknown zvol
+    what = "zvol"                                 # what the state belongs to, in errors
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def session(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    def update(self, zvol: str, **fields) -> None:
+        """Change columns that are not the state (devices, errors, retry times, snapshots)."""
+        if "state" in fields or "prior_state" in fields:
+            raise StateError(f"a {self.what}'s state changes only through a transition")
+        with self.session() as s, s.begin():
+            row = s.get(self.model, zvol)
+            if row is not None:
+                for key, value in fields.items():
+                    setattr(row, key, value)
+
+    def transition(self, zvol: str, event: Enum, **fields):
+        """Apply ``event`` and the given column updates atomically; None when the row is gone."""
+        with self.session() as s, s.begin():
+            claim_row(s, self.model.zvol, zvol)
+            row = s.get(self.model, zvol)
+            if row is None:
+                raise NotFoundError(self.missing.format(zvol=zvol))
+            old = row.state
+            new = type(self).next_state(old, event, row.prior_state)
+            since = time.time() - (row.state_since or time.time())
+            if new is None:
+                s.delete(row)
+                log.info("zvol %s: %s -> (removed) on %s after %.1fs", zvol, old, event.value,
+                         since)
+                return None
+            for key, value in fields.items():
+                setattr(row, key, value)
+            if event in self.keeps_prior:
+                row.prior_state = old
+            elif event in self.clears_prior:
+                row.prior_state = None
+            row.state = new.value
+            row.state_since = time.time()
+            log.info("zvol %s: %s -> %s on %s (%s%.1fs in %s)", zvol, old, new.value,
+                     event.value, self._where(row), since, old)
+            return row
+
+    def _where(self, row) -> str:
+        """Who the row is mapped to, for the log line of a transition."""
+        return ""
