@@ -30,7 +30,7 @@ KNOWN_KEYS = {
     "name", "broker_url", "exchange", "db", "frontend_db", "backend", "sim_root",
     "network", "default_pool", "img_sync_workers", "transport", "log_file",
     "admin_users", "chap", "timeout", "target", "stream_address", "stream_bind", "ssh_user",
-    "pool_wait",
+    "pool_wait", "nas_users", "max_streams", "max_request_time",
 }
 
 
@@ -56,9 +56,12 @@ class Config:
     timeout: float = 60.0
     target: str = "lio"
     stream_address: Optional[str] = None   # how peers reach this node's TCP streams
-    stream_bind: str = "0.0.0.0"
+    stream_bind: Optional[str] = None      # None: the storage address (stream_address)
     ssh_user: str = "img-storage"
     pool_wait: float = 300.0               # seconds a starting daemon waits for its pools
+    nas_users: Optional[List[str]] = None  # broker users of the NASes that may use a container
+    max_streams: int = 16                  # stream endpoints a node keeps open at once
+    max_request_time: float = 3600.0       # the longest any request may hold a lock or worker
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def require(self, *keys: str) -> None:
@@ -68,8 +71,22 @@ class Config:
                 raise ConfigError(f"{self.path}: missing key '{key}'")
 
     @property
+    def broker_urls(self) -> List[str]:
+        """The brokers of a cluster, in the order they are tried."""
+        return split_broker_urls(self.broker_url)
+
+    @property
     def broker_user(self) -> str:
-        return urlparse(self.broker_url).username or "guest"
+        return urlparse(self.broker_urls[0]).username or "guest"
+
+    @property
+    def strict(self) -> bool:
+        """Whether callers are checked: only when admin_users names the administrators."""
+        return bool(self.admin_users)
+
+
+def split_broker_urls(value: str) -> List[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 def _is_ip(value: str) -> bool:
@@ -139,11 +156,17 @@ def _check(path: str, key: str, value: Any) -> Any:
         if key == "default_pool":
             return naming.zpool_name(value)
         if key == "broker_url":
-            if not isinstance(value, str):
-                raise ValidationError("expected a string")
-            url = urlparse(value)
-            if url.scheme not in ("amqp", "amqps") or not url.hostname:
+            if not isinstance(value, str) or not split_broker_urls(value):
                 raise ValidationError("expected amqp://user:pass@host:5672/vhost")
+            users = set()
+            for part in split_broker_urls(value):
+                url = urlparse(part)
+                if url.scheme not in ("amqp", "amqps") or not url.hostname:
+                    raise ValidationError("expected amqp://user:pass@host:5672/vhost "
+                                          "(several separated by commas)")
+                users.add(url.username or "guest")
+            if len(users) > 1:
+                raise ValidationError("every broker of a cluster must be given the same user")
             return value
         if key == "exchange":
             if not isinstance(value, str) or not value or len(value) > 255:
@@ -178,10 +201,19 @@ def _check(path: str, key: str, value: Any) -> Any:
             if n > 256:
                 raise ValidationError("at most 256")
             return n
-        if key == "admin_users":
+        if key in ("admin_users", "nas_users"):
             if not isinstance(value, list) or not all(isinstance(u, str) and u for u in value):
                 raise ValidationError("expected a list of broker user names")
             return value
+        if key == "max_streams":
+            n = naming.non_negative_int(key, value, allow_none=False, minimum=1)
+            if n > 1024:
+                raise ValidationError("at most 1024")
+            return n
+        if key == "max_request_time":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 10:
+                raise ValidationError("expected a number of seconds, at least 10")
+            return float(value)
         if key == "chap":
             return naming.parse_bool(value, key)
         if key == "pool_wait":

@@ -43,7 +43,7 @@ APP_ID = "imgstorage"
 
 
 def connection_parameters(config: Config, *, heartbeat: int = 60) -> pika.URLParameters:
-    params = pika.URLParameters(config.broker_url)
+    params = pika.URLParameters(config.broker_urls[0])
     params.connection_attempts = 1
     params.socket_timeout = 10
     params.blocked_connection_timeout = 30
@@ -53,7 +53,7 @@ def connection_parameters(config: Config, *, heartbeat: int = 60) -> pika.URLPar
 
 
 def _broker_label(config: Config) -> str:
-    params = pika.URLParameters(config.broker_url)
+    params = pika.URLParameters(config.broker_urls[0])
     return f"{params.host}:{params.port}"
 
 
@@ -65,7 +65,7 @@ def connect(config: Config) -> pika.BlockingConnection:
                                 f"credentials of user '{config.broker_user}'") from None
     except pika.exceptions.ProbableAccessDeniedError:
         raise BrokerUnavailable(f"the message broker at {_broker_label(config)} denied access "
-                                f"to the virtual host of {config.broker_url.rsplit('/', 1)[-1]!r}") from None
+                                f"to the virtual host of {config.broker_urls[0].rsplit('/', 1)[-1]!r}") from None
     except pika.exceptions.AMQPError as exc:
         raise BrokerUnavailable(f"cannot reach the message broker at {_broker_label(config)}"
                                 f" ({type(exc).__name__})") from None

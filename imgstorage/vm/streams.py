@@ -44,7 +44,8 @@ def _serve_one(config: Config, token: str, end, serve: Callable[[StreamServer], 
                what: str, name: str) -> Dict:
     """Open the one-time endpoint, serve it on a thread, answer where it listens."""
     try:
-        server = StreamServer.open(config.stream_bind, token, ACCEPT_TIMEOUT)
+        server = StreamServer.open(config.stream_bind or advertised_address(config), token,
+                                   ACCEPT_TIMEOUT)
     except BaseException:
         end.abort()
         raise

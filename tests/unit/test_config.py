@@ -76,11 +76,29 @@ def test_simulated_streams_default_to_loopback(tmp_path):
     assert advertised_address(cfg) == "127.0.0.1"
 
 
-def test_real_streams_default_to_the_node_name_and_every_interface(tmp_path):
+def test_real_streams_default_to_the_node_name_on_the_storage_network(tmp_path):
+    # a stream endpoint listens on the storage address only, never on every interface
     from imgstorage.vm.streams import advertised_address
     cfg = config.load(write(tmp_path, readme_example()))
-    assert (cfg.stream_address, cfg.stream_bind) == (None, "0.0.0.0")
+    assert (cfg.stream_address, cfg.stream_bind) == (None, None)
     assert advertised_address(cfg) == "vm-container-0-14.ibnet"
+
+
+def test_a_broker_cluster_is_a_comma_separated_list(tmp_path):
+    urls = "amqp://u:p@b1:5701/v, amqp://u:p@b2:5702/v,amqps://u:p@b3:5703/v"
+    cfg = config.load(write(tmp_path, readme_example(broker_url=urls)))
+    assert cfg.broker_urls == ["amqp://u:p@b1:5701/v", "amqp://u:p@b2:5702/v",
+                               "amqps://u:p@b3:5703/v"]
+    assert cfg.broker_user == "u"
+    with pytest.raises(ConfigError, match="broker_url"):
+        config.load(write(tmp_path, readme_example(broker_url="amqp://u:p@b1/v,http://b2/")))
+    with pytest.raises(ConfigError, match="same user"):
+        config.load(write(tmp_path, readme_example(broker_url="amqp://u:p@b1/v,amqp://w:p@b2/v")))
+
+
+def test_an_amqps_broker_url_is_accepted(tmp_path):
+    cfg = config.load(write(tmp_path, readme_example(broker_url="amqps://u:p@frontend:5671/v")))
+    assert cfg.broker_urls == ["amqps://u:p@frontend:5671/v"]
 
 
 def test_explicit_stream_settings_win_on_the_simulated_kernel(tmp_path):
