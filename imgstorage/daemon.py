@@ -19,7 +19,7 @@ from typing import Callable, Dict, Iterable, Optional
 
 from . import protocol
 from .config import Config
-from .errors import ImgStorageError
+from .errors import INTERNAL, UNKNOWN_ACTION, ForbiddenError, ImgStorageError, ValidationError
 from .messaging import Consumer, Envelope, Responder
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,8 @@ class Daemon:
                  decode_error: Optional[str]) -> None:
         if env is None:
             log.warning("rejected a message: %s", decode_error)
-            responder.reply(protocol.error(None, decode_error or "malformed message"))
+            responder.reply(protocol.error(None, decode_error or "malformed message",
+                                           ValidationError.code))
             responder.done()
             return
         if env.expired:
@@ -130,13 +131,14 @@ class Daemon:
         handler = self.handlers.get(env.action)
         if handler is None:
             log.warning("rejected unknown action %r from %s", env.action, env.user_id)
-            responder.reply(protocol.error(env.action, f"unknown action: {env.action[:80]}"))
+            responder.reply(protocol.error(env.action, f"unknown action: {env.action[:80]}",
+                                           UNKNOWN_ACTION))
             responder.done()
             return
         refusal = self.refuse(env)
         if refusal:
             log.warning("refused %s from broker user %r: %s", env.action, env.user_id, refusal)
-            responder.reply(protocol.error(env.action, refusal))
+            responder.reply(protocol.error(env.action, refusal, ForbiddenError.code))
             responder.done()
             return
         earlier = self.seen.check(env.message_id)
@@ -161,10 +163,11 @@ class Daemon:
             reply = handler(env)
         except ImgStorageError as exc:
             log.info("%s %s failed: %s", env.action, _subject(env), exc)
-            reply = protocol.error(env.action, str(exc))
+            reply = protocol.error(env.action, str(exc), exc.code)
         except Exception as exc:  # a bug: keep serving, tell the caller, keep the traceback
             log.exception("%s %s: unexpected error", env.action, _subject(env))
-            reply = protocol.error(env.action, f"internal error in {env.action}: {exc}")
+            reply = protocol.error(env.action, f"internal error in {env.action}: {exc}",
+                                   INTERNAL)
         self.seen.finish(env.message_id, reply)
         log.debug("%s %s from %s answered %s in %.3fs", env.action, _subject(env), env.user_id,
                   (reply or {}).get("status", "nothing"), time.time() - env.received)

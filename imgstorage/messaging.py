@@ -169,7 +169,8 @@ class RpcClient:
         reply = self.call(node, message, timeout)
         if reply.get("status") != "success":
             raise RemoteError(node, str(message.get("action")),
-                              str(reply.get("error") or f"{node} reported an error"))
+                              str(reply.get("error") or f"{node} reported an error"),
+                              protocol.error_code(reply))
         return reply
 
     def notify(self, node: str, message: Dict[str, Any], timeout: Optional[float] = None) -> None:

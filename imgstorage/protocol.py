@@ -112,7 +112,8 @@ def oversized(message: Dict[str, Any], size: int) -> Dict[str, Any]:
     can read beats an answer it can only call unreadable.
     """
     return error(str(message.get("action") or ""),
-                 f"the reply would be {size} bytes, more than the {MAX_REPLY} a reply may carry")
+                 f"the reply would be {size} bytes, more than the {MAX_REPLY} a reply may carry",
+                 code="too_large")
 
 
 def success(action: str, **fields: Any) -> Dict[str, Any]:
@@ -121,9 +122,16 @@ def success(action: str, **fields: Any) -> Dict[str, Any]:
     return reply
 
 
-def error(action: Optional[str], text: str) -> Dict[str, Any]:
+def error(action: Optional[str], text: str, code: str = "error") -> Dict[str, Any]:
+    """An error reply: the text for people, ``code`` (see errors.py) for programs."""
     return {"action": REPLY_ACTION.get(action or "", action or "error"), "status": "error",
-            "error": text}
+            "error": text, "code": code}
+
+
+def error_code(reply: Dict[str, Any]) -> str:
+    """The reply's code; ``error`` for a reply from a node that sends none."""
+    code = reply.get("code")
+    return code if isinstance(code, str) and code else "error"
 
 
 def field(msg: Dict[str, Any], name: str, check, *, required: bool = True, default: Any = None) -> Any:

@@ -24,7 +24,10 @@ def test_replies_use_the_original_action_names():
     assert protocol.success("map_zvol", bdev="/dev/sdc") == {
         "action": "zvol_mapped", "status": "success", "bdev": "/dev/sdc"}
     assert protocol.error("unmap_zvol", "boom") == {
-        "action": "zvol_unmapped", "status": "error", "error": "boom"}
+        "action": "zvol_unmapped", "status": "error", "error": "boom", "code": "error"}
+    assert protocol.error("map_zvol", "held", code="busy")["code"] == "busy"
+    assert protocol.error_code({"status": "error", "error": "x"}) == "error"   # an older node
+    assert protocol.error_code(protocol.error("x", "y", code="forbidden")) == "forbidden"
     assert protocol.error(None, "bad")["action"] == "error"
 
 
