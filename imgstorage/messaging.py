@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Iterable, Optional
 
 import pika
 import pika.exceptions
@@ -401,3 +401,104 @@ class Consumer:
                     conn.close()
             except Exception:
                 pass
+
+
+# ----------------------------------------------------------- administration
+QUORUM_ARGS = {"x-queue-type": "quorum"}
+
+
+def supports_quorum(conn: pika.BlockingConnection) -> bool:
+    """Quorum queues exist from RabbitMQ 3.8 on; older brokers get classic durable queues."""
+    props = getattr(conn._impl, "server_properties", None) or {}
+    version = props.get("version", b"")
+    if isinstance(version, bytes):
+        version = version.decode("ascii", "replace")
+    try:
+        major, minor = (int(part) for part in str(version).split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (3, 8)
+
+
+def declare_node_queues(config: Config, nodes: Iterable[str],
+                        quorum: Optional[bool] = None) -> Dict[str, str]:
+    """Declare the exchange and each node's queue and binding, with ``config``'s credentials.
+
+    Run by the administrator (``rocks sync host imgstorage``), so that node
+    users need no right to declare or bind anything.  ``quorum`` None means
+    "quorum queues where the broker has them".  A queue that already exists
+    keeps its type: converting it would mean deleting it, and the requests
+    in it.  Returns ``{node: "quorum" | "classic"}``.
+    """
+    conn = connect(config)
+    kinds: Dict[str, str] = {}
+    try:
+        want_quorum = supports_quorum(conn) if quorum is None else quorum
+        ch = conn.channel()
+        declare_exchange(ch, config.exchange)
+        for node in nodes:
+            kind = _existing_queue_kind(conn, node)
+            if kind is None:
+                ch.queue_declare(queue=node, durable=True,
+                                 arguments=dict(QUORUM_ARGS) if want_quorum else None)
+                kind = "quorum" if want_quorum else "classic"
+            elif (kind == "quorum") != bool(want_quorum):
+                log.warning("queue %s already exists as a %s queue and stays one (converting "
+                            "it would drop the requests in it)", node, kind)
+            ch.queue_bind(queue=node, exchange=config.exchange, routing_key=node)
+            kinds[node] = kind
+    except pika.exceptions.AMQPError as exc:
+        raise MessagingError(f"the message broker refused to declare the node queues: "
+                             f"{_amqp_reason(exc)}") from None
+    finally:
+        try:
+            conn.close()
+        except Exception:  # closing a dead connection must never mask the real error
+            pass
+    return kinds
+
+
+def _existing_queue_kind(conn: pika.BlockingConnection, queue: str) -> Optional[str]:
+    """"quorum" or "classic" for an existing queue, None when there is none.
+
+    A passive declare cannot tell the type, so the queue is declared again
+    with quorum arguments on a throwaway channel: the broker accepts that only
+    for a quorum queue (any other kind closes the channel with 406).
+    """
+    probe = conn.channel()
+    try:
+        probe.queue_declare(queue=queue, passive=True)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code == 404:
+            return None
+        raise
+    try:
+        probe.queue_declare(queue=queue, durable=True, arguments=dict(QUORUM_ARGS))
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code == 406:
+            return "classic"
+        raise
+    finally:
+        if probe.is_open:
+            probe.close()
+    return "quorum"
+
+
+def delete_node_queue(config: Config, node: str) -> None:
+    """Delete a removed node's queue, with the administrator's rights (none there is fine)."""
+    conn = connect(config)
+    try:
+        conn.channel().queue_delete(queue=node)
+    except pika.exceptions.AMQPError as exc:
+        raise MessagingError(f"the message broker refused to delete queue {node}: "
+                             f"{_amqp_reason(exc)}") from None
+    finally:
+        try:
+            conn.close()
+        except Exception:  # closing a dead connection must never mask the real error
+            pass
+
+
+def _amqp_reason(exc: BaseException) -> str:
+    text = getattr(exc, "reply_text", None)
+    return str(text) if text else type(exc).__name__
