@@ -7,6 +7,7 @@ shared by the CLI and the daemons.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any, Optional
 
@@ -174,9 +175,45 @@ def parse_bool(value: Any, kind: str = "boolean") -> bool:
     raise ValidationError(f"invalid {kind} {value!r}: use true or false")
 
 
+_IQN_PREFIX = "iqn.2001-04.com."
+# The longest target name every part accepts: RFC 3720 allows 223 bytes, but
+# a target name travels through ``iqn()`` above, which takes at most _NAME_MAX.
+IQN_MAX = _NAME_MAX
+_KERNEL_SAFE_RE = re.compile(r"^[a-z0-9.:-]+\Z")
+_IQN_HASH_LEN = 10
+
+
+def _kernel_safe(name: str) -> bool:
+    """Whether LIO (and tgt) keep this target name exactly as given.
+
+    rtslib-fb lowercases a target name and refuses ``_``, so a name with
+    capitals or ``_`` could be created once and never be found again.
+    """
+    return len(name) <= IQN_MAX and bool(_KERNEL_SAFE_RE.match(name))
+
+
 def target_iqn(nas: str, zvol: str) -> str:
-    """The target name the original tools gave a zvol's export."""
-    return f"iqn.2001-04.com.{nas}-{zvol}"
+    """The iSCSI target name of a zvol's export on ``nas``: valid for LIO and tgt, one per zvol.
+
+    A name the kernel keeps as given is the original tools' name, so the
+    targets of a NAS upgraded in place are still found.  Any other (capitals,
+    ``_``, too long) becomes ``iqn.2001-04.com.<nas>:<lowercased zvol>-<hash>``:
+    the ``:`` right after the NAS name never follows it in the first form
+    (which has ``-`` there), so the two forms cannot meet, and the hash of the
+    original name keeps ``Vol1`` and ``vol1`` (or ``a_b`` and ``a-b``) apart.
+    """
+    plain = f"{_IQN_PREFIX}{nas}-{zvol}"
+    if _kernel_safe(plain):
+        return plain
+    digest = hashlib.sha256(f"{nas}/{zvol}".encode()).hexdigest()[:_IQN_HASH_LEN]
+    head = f"{_IQN_PREFIX}{nas.lower()}"
+    tail = f"-{digest}"
+    room = IQN_MAX - len(head) - 1 - len(tail)
+    if room < 1:    # an absurdly long NAS name: its own prefix, shortened, stays fixed
+        head = head[:IQN_MAX - 1 - 1 - len(tail)]
+        room = 1
+    body = zvol.lower().replace("_", "-")[:room]
+    return f"{head}:{body}{tail}"
 
 
 def volume_for_vm(vm: str) -> str:

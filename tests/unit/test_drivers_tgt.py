@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from imgstorage import naming
 from imgstorage.drivers.base import ChapCredentials, TargetDriver, TargetInfo
 from imgstorage.drivers.tgt import TgtTarget, parse_show
 from imgstorage.errors import CommandError, DriverError
@@ -240,3 +241,17 @@ def test_delete_failing_otherwise_is_an_error():
 
 def test_implements_the_protocol():
     assert isinstance(TgtTarget(ReplayRunner()), TargetDriver)
+
+
+@pytest.mark.parametrize("zvol", ["Vol1", "a_b"])
+def test_the_target_name_of_any_zvol_reaches_tgtadm_as_the_nas_derived_it(zvol):
+    """tgt keeps a target name as given; the NAS derives one both targets keep unchanged."""
+    iqn = naming.target_iqn("nas-0-0", zvol)
+    assert iqn == iqn.lower() and "_" not in iqn
+    runner = (ReplayRunner()
+              .expect(SHOW, "tgt/show_empty.txt")
+              .expect(new_target(1, iqn), "tgt/ok.txt")
+              .expect(new_lun(1), "tgt/ok.txt")
+              .expect(bind_initiator(1), "tgt/ok.txt"))
+    TgtTarget(runner).create_target(iqn, NEW_DEV, INIT)
+    assert runner.argvs[1] == new_target(1, iqn)

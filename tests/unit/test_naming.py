@@ -90,3 +90,40 @@ def test_trailing_newline_is_not_a_name(check):
     assert check(good) == good
     with pytest.raises(ValidationError):
         check(good + "\n")
+
+
+# ---------------------------------------------------------- target names
+LIO_NAME = __import__("re").compile(r"^iqn\.\d{4}-\d{2}\.[a-z0-9.:-]+\Z")
+
+
+@pytest.mark.parametrize("zvol", ["compute-0-1-0-vol", "vol1", "x:b", "a.b-c", "9"])
+def test_a_name_lio_keeps_as_given_keeps_the_original_target_name(zvol):
+    assert naming.target_iqn("nas-0-0", zvol) == f"iqn.2001-04.com.nas-0-0-{zvol}"
+
+
+@pytest.mark.parametrize("zvol", ["Vol1", "a_b", "VM_1.Data:X", "A" * 200, "a" * 200])
+def test_every_target_name_is_one_lio_and_tgt_keep_as_given(zvol):
+    name = naming.target_iqn("nas-0-0", zvol)
+    assert LIO_NAME.match(name) and len(name) <= 200
+    assert naming.iqn(name) == name
+
+
+def test_names_lio_would_change_get_a_lowercase_form_and_a_hash_of_the_original():
+    name = naming.target_iqn("nas-0-0", "Vol1")
+    assert name.startswith("iqn.2001-04.com.nas-0-0:vol1-")
+    assert name == naming.target_iqn("nas-0-0", "Vol1")        # stable
+    assert naming.target_iqn("nas-0-0", "a_b").startswith("iqn.2001-04.com.nas-0-0:a-b-")
+
+
+def test_target_names_are_one_per_zvol():
+    zvols = ["Vol1", "vol1", "VOL1", "vOl1", "a_b", "a-b", "A_b", "a_B", "x:b", "y:b",
+             "vol1-" + naming.target_iqn("nas-0-0", "Vol1").rsplit("-", 1)[1],
+             "nas-0-0:vol1", "A" * 200, "A" * 199 + "a", "a" * 200, "a" * 199 + "b"]
+    names = [naming.target_iqn("nas-0-0", z) for z in zvols]
+    assert len(set(names)) == len(zvols)
+    assert len({n.lower() for n in names}) == len(zvols)   # the kernel's view, too
+
+
+def test_an_upper_case_nas_name_gives_lowercase_target_names():
+    name = naming.target_iqn("NAS-0-0", "vol1")
+    assert name == name.lower() and name.startswith("iqn.2001-04.com.nas-0-0:vol1-")
