@@ -25,17 +25,40 @@ DEFAULT_PORTAL_IP = "0.0.0.0"
 DEFAULT_PORTAL_PORT = 3260
 
 
-def storage_name(iqn: str) -> str:
-    """The backstore name for a target: its IQN without the iqn.YYYY-MM. prefix.
+_DATE_PREFIX = re.compile(r"^iqn\.\d{4}-\d{2}\.")
 
-    Storage object names become configfs directories, so anything but
-    letters, digits and ``_ . -`` is replaced.
+
+def kernel_name(iqn: str) -> str:
+    """A target name as LIO keeps it: rtslib-fb lowercases every IQN."""
+    return iqn.lower()
+
+
+def storage_name(iqn: str) -> str:
+    """The backstore name for a target: one per target name, a valid configfs name.
+
+    The IQN without its ``iqn.YYYY-MM.`` prefix, as it always was for a name
+    without ``:`` (so existing backstores keep their names); a ``:`` becomes
+    ``_``, which no target name LIO accepts contains, so ``...nas-x:b`` and
+    ``...nas-y:b`` no longer share the backstore ``b``.
     """
+    tail = _DATE_PREFIX.sub("", kernel_name(iqn)).replace(":", "_")
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", tail) or "imgstorage"
+
+
+def legacy_storage_name(iqn: str) -> str:
+    """The backstore name earlier releases gave a target (the part after the last ``:``)."""
     if ":" in iqn:
         tail = iqn.rsplit(":", 1)[1]
     else:
-        tail = re.sub(r"^iqn\.\d{4}-\d{2}\.", "", iqn)
+        tail = _DATE_PREFIX.sub("", iqn)
     return re.sub(r"[^A-Za-z0-9_.-]", "_", tail) or "imgstorage"
+
+
+def _check_name(iqn: str) -> None:
+    """Refuse up front what rtslib-fb would refuse half-way through an export."""
+    if "_" in iqn or any(c.isspace() for c in iqn):
+        raise DriverError(f"cannot export {iqn}: LIO target names may not contain '_' "
+                          "or spaces")
 
 
 def _same_device(a: Optional[str], b: Optional[str]) -> bool:
@@ -78,7 +101,8 @@ class LioTarget:
         return [t for t in self.rts.RTSRoot().targets if t.fabric_module.name == "iscsi"]
 
     def _find(self, iqn: str) -> Optional[Any]:
-        return next((t for t in self._targets() if t.wwn == iqn), None)
+        wanted = kernel_name(iqn)
+        return next((t for t in self._targets() if t.wwn == wanted), None)
 
     @staticmethod
     def _info(target: Any) -> TargetInfo:
@@ -99,6 +123,7 @@ class LioTarget:
     def create_target(self, iqn: str, device: str, initiator: str,
                       chap: Optional[ChapCredentials] = None) -> None:
         rts = self.rts
+        _check_name(iqn)
         with self._errors(f"export {device} as {iqn}"):
             existing = self._find(iqn)
             if existing is not None:
@@ -173,8 +198,10 @@ class LioTarget:
                 storage = [lun.storage_object for tpg in target.tpgs for lun in tpg.luns]
                 target.delete()
             else:
-                leftover = self._named_storage(storage_name(iqn))
-                storage = [leftover] if leftover is not None else []
+                storage = [so for so in (self._named_storage(name) for name in
+                                         dict.fromkeys([storage_name(iqn),
+                                                        legacy_storage_name(iqn)]))
+                           if so is not None]
             for so in storage:
                 if not list(so.attached_luns):
                     so.delete()

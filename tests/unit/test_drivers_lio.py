@@ -12,7 +12,8 @@ import sys
 import pytest
 
 from imgstorage.drivers.base import ChapCredentials, TargetDriver, TargetInfo
-from imgstorage.drivers.lio import LioTarget, storage_name
+from imgstorage import naming
+from imgstorage.drivers.lio import LioTarget, legacy_storage_name, storage_name
 from imgstorage.errors import DriverError
 
 IQN = "iqn.2001-04.com.nas-0-0-compute-0-1-0-vol"
@@ -178,6 +179,10 @@ class FakeRts:
         return Storage(self, name, dev)
 
     def Target(self, fabric, wwn, mode="any"):
+        # rtslib-fb's normalize_wwn: lowercase first, then refuse '_' and spaces
+        wwn = wwn.lower()
+        if "_" in wwn or " " in wwn:
+            raise FakeRTSLibError(f"WWN not valid as: iqn ({wwn})")
         assert mode == "create"
         if any(t.wwn == wwn for t in fabric.targets):
             raise FakeRTSLibError("This Target already exists in configFS")
@@ -368,7 +373,61 @@ def test_rtslib_is_imported_only_when_used(monkeypatch, rts):
 
 def test_storage_names_are_safe_configfs_names():
     assert storage_name(IQN) == SO_NAME
-    assert storage_name("iqn.2003-01.org.example:nas/vol 1") == "nas_vol_1"
+    assert storage_name("iqn.2003-01.org.example:nas/vol 1") == "org.example_nas_vol_1"
+
+
+# ---------------------------------------------- names as the kernel keeps them
+def test_storage_names_are_one_per_target_name():
+    iqns = [naming.target_iqn("nas-0-0", z) for z in ("x:b", "y:b", "b", "x-b", "Vol1", "vol1")]
+    assert len({storage_name(i) for i in iqns}) == len(iqns)
+
+
+@pytest.mark.parametrize("zvol", ["Vol1", "a_b", "x:b"])
+def test_an_export_of_any_zvol_name_is_found_again_and_removed(rts, zvol):
+    iqn = naming.target_iqn("nas-0-0", zvol)
+    dev = f"/dev/zvol/tank/{zvol}"
+    LioTarget(rts).create_target(iqn, dev, INIT)
+    assert [t.iqn for t in LioTarget(rts).list_targets()] == [iqn]
+    LioTarget(rts).create_target(iqn, dev, INIT)        # asked again: found, not re-made
+    assert len(rts.iscsi.targets) == 1
+    LioTarget(rts).delete_target(iqn)
+    assert rts.iscsi.targets == [] and rts.storage == []
+
+
+def test_a_target_created_with_capitals_is_found_by_that_name(rts):
+    """Earlier releases asked for ``...-Vol1``; LIO made ``...-vol1``: unmap still finds it."""
+    old = "iqn.2001-04.com.nas-0-0-Vol1"
+    LioTarget(rts).create_target(old, "/dev/zvol/tank/Vol1", INIT)
+    assert [t.wwn for t in rts.iscsi.targets] == [old.lower()]
+    LioTarget(rts).create_target(old, "/dev/zvol/tank/Vol1", INIT)
+    assert len(rts.iscsi.targets) == 1
+    LioTarget(rts).delete_target(old)
+    assert rts.iscsi.targets == [] and rts.storage == []
+
+
+def test_a_name_lio_refuses_is_refused_before_anything_is_made(rts):
+    with pytest.raises(DriverError, match="may not contain '_'"):
+        LioTarget(rts).create_target("iqn.2001-04.com.nas-0-0-a_b", "/dev/zvol/tank/a_b", INIT)
+    assert rts.events == [] and rts.storage == []
+
+
+def test_two_zvols_sharing_a_name_after_the_colon_get_their_own_exports(rts):
+    driver = LioTarget(rts)
+    for zvol in ("x:b", "y:b"):
+        driver.create_target(naming.target_iqn("nas-0-0", zvol), f"/dev/zvol/tank/{zvol}", INIT)
+    assert sorted(t.device for t in driver.list_targets()) == ["/dev/zvol/tank/x:b",
+                                                               "/dev/zvol/tank/y:b"]
+    driver.delete_target(naming.target_iqn("nas-0-0", "x:b"))
+    assert [t.device for t in driver.list_targets()] == ["/dev/zvol/tank/y:b"]
+    assert [so.udev_path for so in rts.storage] == ["/dev/zvol/tank/y:b"]
+
+
+def test_a_leftover_backstore_named_by_an_earlier_release_is_cleaned(rts):
+    iqn = naming.target_iqn("nas-0-0", "x:b")
+    rts.BlockStorageObject(legacy_storage_name(iqn), dev="/dev/zvol/tank/x:b")
+    rts.events.clear()
+    LioTarget(rts).delete_target(iqn)
+    assert rts.events == [("delete", "BlockStorageObject", "b")]
 
 
 def test_implements_the_protocol(rts):
