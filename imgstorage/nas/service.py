@@ -82,6 +82,10 @@ class NasService:
         if not self.drivers.zfs.pool_exists(zpool):
             raise NotFoundError(f"cannot create '{zpool}/{zvol}': no such pool '{zpool}'")
 
+        holder = self.store.zvol_with_target(naming.target_iqn(self.name, zvol))
+        if holder is not None and holder != zvol:
+            raise StateError(f"cannot map {zvol}: its iSCSI target name is in use by zvol "
+                             f"{holder}; rename one of them")
         size_bytes = size_gb * naming.GIB
         info = self.drivers.zfs.get_zvol(zpool, zvol)
         if info is None:

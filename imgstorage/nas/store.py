@@ -7,7 +7,7 @@ import time
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Optional
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 
 from ..errors import BusyError, NotFoundError
@@ -73,6 +73,12 @@ class NasStore(StateStore):
             return list(s.scalars(select(Lock).order_by(Lock.since)))
 
     # -- zvols --------------------------------------------------------------
+    def zvol_with_target(self, target: str) -> Optional[str]:
+        """The zvol whose export has this target name (compared as the kernel does), if any."""
+        with self.session() as s:
+            return s.scalars(select(Zvol.zvol).where(
+                func.lower(Zvol.iscsi_target) == target.lower()).limit(1)).first()
+
     def get(self, zvol: str) -> Optional[Zvol]:
         with self.session() as s:
             return s.get(Zvol, zvol)

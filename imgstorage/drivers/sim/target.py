@@ -44,6 +44,21 @@ def _chap(chap: Optional[ChapCredentials]) -> Optional[Dict[str, str]]:
     return {"userid": chap.userid, "password": chap.password}
 
 
+def kernel_target_name(value: str) -> str:
+    """A target name checked as strictly as LIO checks it.
+
+    rtslib-fb lowercases a target name and refuses ``_``: a name with either
+    would be created under another name (and never found again) or not at
+    all.  The simulated target refuses both, so a caller that would lose an
+    export on a real NAS fails here too.
+    """
+    name = state.iqn(value)
+    if name != name.lower() or "_" in name:
+        raise DriverError(f"invalid iSCSI target name {name!r}: LIO keeps target names "
+                          "lowercase and refuses '_'")
+    return name
+
+
 class SimTarget:
     """The TargetDriver of one simulated NAS (behaves like LIO: one ACL per initiator)."""
 
@@ -53,7 +68,7 @@ class SimTarget:
 
     def create_target(self, iqn: str, device: str, initiator: str,
                       chap: Optional[ChapCredentials] = None) -> None:
-        iqn = state.iqn(iqn)
+        iqn = kernel_target_name(iqn)
         entry = {"device": device, "acls": [initiator_iqn(initiator)], "chap": _chap(chap)}
         if not blockdev.device_exists(self.root, self.host, device):
             raise DriverError(f"cannot create target {iqn}: device {device} "
