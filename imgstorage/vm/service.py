@@ -49,6 +49,14 @@ def wait_for(condition: Callable[[], object], timeout: float, interval: float = 
         time.sleep(interval)
 
 
+class _ZvolLock:
+    """A zvol's lock and how many threads hold it or wait for it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+
+
 class VmService:
     def __init__(self, config: Config, engine: Engine, drivers: NodeDrivers,
                  notify: Optional[Callable[[str, Dict], None]] = None):
@@ -57,7 +65,7 @@ class VmService:
         self.drivers = drivers
         self.notify = notify or (lambda node, message: None)
         self.store = VmStore(engine)
-        self._locks: Dict[str, threading.Lock] = {}
+        self._locks: Dict[str, _ZvolLock] = {}
         self._locks_guard = threading.Lock()
         self.sync = ContainerSync(self)
         from .rebuild import Rebuilder
@@ -83,16 +91,25 @@ class VmService:
         monitor holds a zvol for a moment when it finishes a merge, and an
         operator's unmap arriving in that moment must not be refused.
         """
+        # An entry lives while someone holds or waits for its zvol, so names
+        # that are merely sent (any caller can send any) leave nothing behind.
         with self._locks_guard:
-            lock = self._locks.setdefault(zvol, threading.Lock())
-        got = lock.acquire(timeout=max(0.0, wait))
-        if not got and raise_busy:
-            raise BusyError(f"ZVol {zvol} is busy")
+            entry = self._locks.setdefault(zvol, _ZvolLock())
+            entry.users += 1
         try:
-            yield got
+            got = entry.lock.acquire(timeout=max(0.0, wait))
+            if not got and raise_busy:
+                raise BusyError(f"ZVol {zvol} is busy")
+            try:
+                yield got
+            finally:
+                if got:
+                    entry.lock.release()
         finally:
-            if got:
-                lock.release()
+            with self._locks_guard:
+                entry.users -= 1
+                if entry.users == 0:
+                    del self._locks[zvol]
 
     # -- iSCSI --------------------------------------------------------------
     def initiator_name(self) -> str:

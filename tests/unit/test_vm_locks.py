@@ -13,7 +13,7 @@ import pytest
 from imgstorage.config import from_dict
 from imgstorage.db import create_schema, make_engine
 from imgstorage.drivers import node_drivers
-from imgstorage.errors import BusyError
+from imgstorage.errors import BusyError, ImgStorageError
 from imgstorage.messaging import Envelope
 from imgstorage.vm import handlers as vm_handlers
 from imgstorage.vm.models import Base as VmBase
@@ -99,3 +99,49 @@ def test_without_a_wait_a_held_zvol_is_busy_at_once(container):
         with pytest.raises(BusyError):
             with service.zvol_lock("v"):
                 pass
+
+
+# ------------------------------------------- the lock table stays as it is used
+def test_names_merely_sent_leave_the_lock_table_empty(container):
+    service, handlers = container
+    for n in range(100):        # whole requests, for zvols this container never had
+        handlers["unmap_zvol"](unmap_request(f"never-mapped-{n}", 5))
+    assert service._locks == {}
+    for n in range(10_000):     # and the lock itself, left normally or by an error
+        try:
+            with service.zvol_lock(f"name-{n}"):
+                if n % 2:
+                    raise ImgStorageError("refused")
+        except ImgStorageError:
+            pass
+    assert service._locks == {}
+
+
+def test_an_entry_lives_while_its_zvol_is_held_or_waited_for(container):
+    service, _ = container
+    with Holder(service, "vol1") as holder:
+        assert set(service._locks) == {"vol1"}
+        with pytest.raises(BusyError):
+            with service.zvol_lock("vol1", wait=0.01):
+                pass
+        assert set(service._locks) == {"vol1"}      # the holder still has it
+        holder.release.set()
+        assert holder.released.wait(10)
+    holder.thread.join(10)
+    assert service._locks == {}
+
+
+def test_a_lock_taken_again_after_its_entry_went_still_excludes(container):
+    service, _ = container
+    with service.zvol_lock("vol1"):
+        pass
+    assert service._locks == {}
+    with Holder(service, "vol1") as holder:
+        with service.zvol_lock("vol1", raise_busy=False) as got:
+            assert got is False
+        holder.release.set()
+        assert holder.released.wait(10)
+    holder.thread.join(10)
+    with service.zvol_lock("vol1") as got:
+        assert got is True
+    assert service._locks == {}
