@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from .. import poolwait
+from .. import dblock, poolwait
 from ..config import Config
 from ..daemon import Daemon, command_line
 from ..db import create_schema, make_engine
@@ -18,6 +18,7 @@ log = logging.getLogger("imgstorage.nas")
 
 
 def build_daemon(cfg: Config) -> Daemon:
+    dblock.claim(cfg.db)
     engine = make_engine(cfg.db)
     create_schema(engine, Base)
     store = NasStore(engine)

@@ -8,12 +8,11 @@ failed map never leaves a zvol that later maps refuse as "already mapped".
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import time
 from typing import Callable, ContextManager, Dict, List, Optional
 
-from .. import naming, syncsnaps
+from .. import dblock, naming, syncsnaps
 from ..config import Config
 from ..drivers import NodeDrivers
 from ..drivers.base import ChapCredentials
@@ -326,7 +325,7 @@ class NasService:
         derives them from the states and resumes them.
         """
         for lock in self.store.locks():
-            if lock.pid != os.getpid():
+            if not dblock.daemon_alive(lock.pid, self.config.db):
                 log.warning("releasing the lock of %s held by %s (process %s) since %s: "
                             "that process is gone", lock.zvol, lock.action, lock.pid,
                             time.ctime(lock.since))

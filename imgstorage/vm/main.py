@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from .. import poolwait
+from .. import dblock, poolwait
 from ..config import Config
 from ..errors import ImgStorageError
 from ..messaging import RpcClient
@@ -30,6 +30,7 @@ def notifier(cfg: Config):
 
 
 def build_daemon(cfg: Config) -> Daemon:
+    dblock.claim(cfg.db)
     engine = make_engine(cfg.db)
     create_schema(engine, Base)
     service = VmService(cfg, engine, node_drivers(cfg), notify=notifier(cfg))
