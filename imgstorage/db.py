@@ -12,12 +12,38 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, event, inspect, text, update
 from sqlalchemy.orm import DeclarativeBase, InstrumentedAttribute, Session
 
+from .errors import ImgStorageError
+
 log = logging.getLogger(__name__)
+
+
+def create_private(path: str) -> None:
+    """Make the database file 0600 before SQLite opens it.
+
+    SQLite gives its ``-wal`` and ``-shm`` files the database file's mode, so
+    a database created 0600 from the start never has a moment, nor a journal,
+    that others can read (the NAS keeps CHAP secrets here).  A file an older
+    release made wider is narrowed, its journal files with it.
+    """
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if os.fstat(fd).st_mode & 0o077:
+                os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+        for suffix in ("-wal", "-shm"):
+            if os.path.exists(path + suffix):
+                os.chmod(path + suffix, 0o600)
+    except OSError as exc:
+        raise ImgStorageError(f"cannot open the database {path}: "
+                              f"{exc.strerror or exc}") from None
 
 
 def make_engine(path: str) -> Engine:
     if path != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        create_private(path)
     engine = create_engine(f"sqlite:///{path}", connect_args={"check_same_thread": False,
                                                               "timeout": 30})
 

@@ -93,7 +93,10 @@ class SimCluster:
         from_dict(cfg)  # a typo in a test's settings should fail here, loudly
         path = self.config_path(node)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(cfg, indent=2) + "\n")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)   # broker passwords
+        os.fchmod(fd, 0o600)                # a config an earlier run wrote wider
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(cfg, indent=2) + "\n")
         return path
 
     def env(self, node: str = "frontend") -> Dict[str, str]:

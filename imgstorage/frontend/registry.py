@@ -25,6 +25,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 from .. import naming
+from ..db import create_private
 from ..errors import ImgStorageError, NotFoundError, StateError, ValidationError
 
 APPLIANCES = ("nas", "vm-container", "compute", "frontend")
@@ -170,6 +171,7 @@ def split_pools(text: Optional[str]) -> List[str]:
 
 
 def _engine(path: str) -> Engine:
+    create_private(path)
     engine = create_engine(URL.create("sqlite", database=path))
 
     @event.listens_for(engine, "connect")
