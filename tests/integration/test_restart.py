@@ -72,3 +72,28 @@ def test_nas_killed_during_a_map_its_caller_still_waits_for_completes_it(crashy)
     ok(crashy.rocks("remove", "host", "storagemap", "nas-0-0", "crashvol2"))
     assert nas_row(crashy, "crashvol2")[0][0] == "unmapped"
 
+
+
+def test_a_second_nas_daemon_on_the_same_database_refuses_to_start(crashy):
+    """It stops with one line before it recovers anything: the map in flight on the
+    first daemon keeps its lock and its state, and completes."""
+    first = crashy.procs["nas-0-0"]
+    db = crashy.db_path("nas-0-0")
+    crashy.stop("vm-container-0-14")           # the map waits for it, holding its lock
+    slow = start_map(crashy, "twicevol", "vm-container-0-14", timeout=60)
+    before = nas_row(crashy, "twicevol")
+    second = subprocess.run([PYTHON, "-c", ENTRY["nas"]], env=crashy.env("nas-0-0"),
+                            stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+    assert second.returncode == 1
+    assert second.stderr.decode() == (f"img-storage-nas: {db} is in use by another daemon "
+                                      f"(pid {first.pid})\n")
+    assert nas_row(crashy, "twicevol") == before == (("mapping", "vm-container-0-14", before[0][2]),
+                                                    [("twicevol",)])
+    assert first.poll() is None
+    crashy.start(["vm-container-0-14"])
+    out, err = slow.communicate(timeout=90)
+    assert slow.returncode == 0, err
+    row, locks = nas_row(crashy, "twicevol")
+    assert row[:2] == ("mapped", "vm-container-0-14") and locks == []
+    ok(crashy.rocks("remove", "host", "storagemap", "nas-0-0", "twicevol"))
+    assert nas_row(crashy, "twicevol")[0][0] == "unmapped"
