@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import List, Optional
 
-from .errors import BusyError
+from .errors import BusyError, ImgStorageError
 
 # How a daemon's command line names it: the installed scripts or their modules.
 _DAEMON_RE = re.compile(r"img-storage-(nas|vm)\b|imgstorage\.(nas|vm)\.main\b")
@@ -54,8 +54,11 @@ def claim(db: str) -> None:
     if _in_memory(db):
         return
     path = lock_path(db)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ImgStorageError(f"cannot open {path}: {exc.strerror or exc}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -63,9 +66,9 @@ def claim(db: str) -> None:
         pid = holder(db)
         raise BusyError(f"{db} is in use by another daemon "
                         f"({f'pid {pid}' if pid else 'pid unknown'})") from None
-    except OSError:
+    except OSError as exc:
         os.close(fd)
-        raise
+        raise ImgStorageError(f"cannot lock {path}: {exc.strerror or exc}") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _held.append(fd)

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from imgstorage import dblock
-from imgstorage.errors import BusyError
+from imgstorage.errors import BusyError, ImgStorageError
 from imgstorage.nas import main as nas_main
 from imgstorage.nas.models import Lock
 from imgstorage.vm import main as vm_main
@@ -134,3 +134,10 @@ def test_a_second_daemon_on_the_database_refuses_to_start_and_changes_nothing(
         assert dblock.holder(db) == holder.pid
     finally:
         holder.stop()
+
+
+def test_a_lock_file_that_cannot_be_made_is_one_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ImgStorageError, match=f"cannot open {blocker}/nas.db.lock: "):
+        dblock.claim(str(blocker / "nas.db"))
