@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 from urllib.parse import quote, unquote, urlparse, urlunparse
 
 from .errors import CommandError, ImgStorageError
@@ -170,12 +170,12 @@ class BrokerAdmin:
         return {row["name"]: row.get("type") or "classic"
                 for row in self._json("list_queues", "-p", self.vhost, "name", "type")}
 
-    def has_binding(self, exchange: str, queue: str, routing_key: str) -> bool:
+    def bindings(self) -> Set[Tuple[str, str, str]]:
+        """Every ``(exchange, queue, routing key)`` binding of a queue in this vhost."""
         rows = self._json("list_bindings", "-p", self.vhost, "source_name", "destination_name",
                           "destination_kind", "routing_key")
-        return any(r.get("source_name") == exchange and r.get("destination_name") == queue
-                   and r.get("destination_kind") == "queue" and r.get("routing_key") == routing_key
-                   for r in rows)
+        return {(r.get("source_name"), r.get("destination_name"), r.get("routing_key"))
+                for r in rows if r.get("destination_kind") == "queue"}
 
     # -- changing ------------------------------------------------------------
     def add_user(self, user: str, password: str) -> None:
@@ -195,13 +195,20 @@ class BrokerAdmin:
         """Delete ``user``; False when there was none."""
         return self._run("delete_user", user, ok=(0, _EX_NOUSER)).returncode == 0
 
-    def ensure_user(self, user: str, password: str, perms: Permissions) -> List[str]:
+    def ensure_user(self, user: str, password: str, perms: Permissions,
+                    users: Optional[Dict[str, List[str]]] = None,
+                    permissions: Optional[Dict[str, Permissions]] = None) -> List[str]:
         """Make ``user`` exist with ``password``, ``perms`` and no tags.
 
-        Returns what had to change (``["user"]`` for a new one, else any of
-        "password", "permissions", "tags"); an empty list means nothing did.
+        ``users`` and ``permissions`` are :meth:`list_users` and
+        :meth:`list_permissions` when the caller already read them for many
+        users (each rabbitmqctl call starts a virtual machine: seconds on a
+        busy frontend).  Returns what had to change (``["user"]`` for a new
+        one, else any of "password", "permissions", "tags"); an empty list
+        means nothing did.
         """
-        users = self.list_users()
+        if users is None:
+            users = self.list_users()
         if user not in users:
             self.add_user(user, password)
             self.set_permissions(user, perms)
@@ -210,7 +217,9 @@ class BrokerAdmin:
         if not self.authenticate(user, password):
             self.change_password(user, password)
             changed.append("password")
-        if self.user_permissions(user) != perms:
+        current = (permissions.get(user) if permissions is not None
+                   else self.user_permissions(user))
+        if current != perms:
             self.set_permissions(user, perms)
             changed.append("permissions")
         if users[user]:

@@ -82,7 +82,8 @@ def sync_host_imgstorage(inv: Invocation) -> None:
         if host.name == admin_user:
             raise ValidationError(f"host {host.name} has the name of the administrator's broker "
                                   "user: rename one of them")
-    queues = admin.list_queues()
+    users, permissions = admin.list_users(), admin.list_permissions()
+    queues, bindings = admin.list_queues(), admin.bindings()
     counts = {"created": 0, "updated": 0, "unchanged": 0}
     for host in hosts:
         identity = inv.registry.broker_identity(host)
@@ -91,12 +92,13 @@ def sync_host_imgstorage(inv: Invocation) -> None:
             inv.registry.set_broker_identity(host, *identity)
             inv.registry.commit()       # the password is never lost once the user exists
         user, password = identity
-        changed = admin.ensure_user(user, password, node_permissions(host.name, exchange))
+        changed = admin.ensure_user(user, password, node_permissions(host.name, exchange),
+                                    users=users, permissions=permissions)
         kind = queues.get(host.name)
         if kind is None:
             kind = messaging.declare_node_queues(inv.config, [host.name])[host.name]
             changed.append(f"{kind} queue")
-        elif not admin.has_binding(exchange, host.name, host.name):
+        elif (exchange, host.name, host.name) not in bindings:
             messaging.declare_node_queues(inv.config, [host.name])
             changed.append("binding")
         status = ("created" if "user" in changed else "updated") if changed else "unchanged"

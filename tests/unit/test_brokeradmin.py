@@ -90,12 +90,12 @@ def test_queues_and_bindings_from_real_output():
              "rabbitmqctl/list_queues.txt")
     r.expect(CTL + ["list_bindings", "-p", VHOST, "source_name", "destination_name",
                     "destination_kind", "routing_key", "--formatter", "json"],
-             "rabbitmqctl/list_bindings.txt", times=2)
+             "rabbitmqctl/list_bindings.txt")
     a = admin(r)
     assert a.list_queues() == {"nas-0-0": "quorum", "compute-0-3": "classic"}
-    assert a.has_binding("rocks.vm-manage", "nas-0-0", "nas-0-0")
     # compute-0-3 is bound only to the default exchange
-    assert not a.has_binding("rocks.vm-manage", "compute-0-3", "compute-0-3")
+    assert a.bindings() == {("", "nas-0-0", "nas-0-0"), ("", "compute-0-3", "compute-0-3"),
+                            ("rocks.vm-manage", "nas-0-0", "nas-0-0")}
 
 
 def test_passwords_go_through_stdin_never_argv():
@@ -165,6 +165,13 @@ def test_ensure_user_creates_then_changes_nothing():
     assert admin(r).ensure_user("nas-0-0", "pw", NODE_PERMS) == []
     assert [c.argv[2] for c in r.calls] == ["list_users", "authenticate_user",
                                             "list_user_permissions"]
+
+    # with the users and permissions read once for many users: only the password is checked
+    r = ReplayRunner()
+    r.expect(CTL + ["authenticate_user", "nas-0-0"], "rabbitmqctl/authenticate_user_ok.txt")
+    assert admin(r).ensure_user("nas-0-0", "pw", NODE_PERMS, users={"nas-0-0": []},
+                                permissions={"nas-0-0": NODE_PERMS}) == []
+    assert len(r.calls) == 1
 
 
 def test_ensure_user_repairs_password_permissions_and_tags():
