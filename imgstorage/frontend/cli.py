@@ -21,7 +21,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import click
 
 from ..errors import ConfigError, ImgStorageError
-from . import commands_hosts, commands_storage, commands_vm  # noqa: F401  (they declare commands)
+from . import commands_broker, commands_hosts, commands_storage, commands_vm  # noqa: F401  (they declare commands)
 from .commands_base import (COMMANDS, COMMON_PARAMS, CommandSpec, CommandUsageError,
                             GlobalState, Invocation)
 

@@ -7,6 +7,7 @@ their appliances and attributes before it can place or start any VM disk.
 from __future__ import annotations
 
 from .commands_base import Arg, Invocation, Param, bool_param, command, int_param
+from .commands_broker import forget_broker_user
 from .commands_vm import refuse_if_running
 from .registry import APPLIANCES
 from .tables import Table
@@ -39,7 +40,9 @@ def add_host(inv: Invocation) -> None:
                   "whether the VM is running"),),
     description="A VM must be stopped first, and a container must have no VMs left. A VM's "
                 "disk stays on its NAS: remove it there with 'rocks remove host storageimg'. "
-                "A NAS that still holds VM disks is refused.",
+                "A NAS that still holds VM disks is refused. A NAS or VM container loses its "
+                "broker user and queue too (a broker out of reach leaves them, with a "
+                "warning saying how to remove them by hand).",
     example="rocks remove host compute-0-14-0")
 def remove_host(inv: Invocation) -> None:
     force = bool_param(inv, "force", False)
@@ -47,8 +50,13 @@ def remove_host(inv: Invocation) -> None:
     for host in hosts:
         if host.is_virtual:
             refuse_if_running(inv, host, force=force)
+    nodes = [(h, inv.registry.broker_identity(h)) for h in hosts
+             if inv.registry.node_role(h) is not None]
     for host in hosts:
         inv.registry.remove_host(host)
+    for host, identity in nodes:
+        if identity is not None:
+            forget_broker_user(inv, host, identity)
 
 
 @command(

@@ -11,7 +11,6 @@ listen under that name.
 """
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, Dict, List, Optional
 
@@ -320,55 +319,3 @@ def clean_host_storagemap(inv: Invocation) -> None:
         inv.request(nas, {"action": "clean_zvol", "zvol": zvol, "force": force})
     inv.echo("Success")
 
-
-@command(
-    "report host imgstorage", "Print the configuration file of a node.",
-    args=(Arg("HOST", "a registered NAS or VM container"),),
-    params=(Param("network", "NAME", "storage network suffix (default: attribute "
-                  "imgstorage-network, else IB_net)"),
-            Param("pool", "POOL", "default zpool (default: attribute imgstorage-pool, else "
-                  "vm_container_zpool)"),
-            Param("workers", "N", "parallel operations (default: attribute "
-                  "imgstorage-workers, else 8)")),
-    description="Writes /etc/imgstorage.conf for HOST from the frontend's attributes, so "
-                "every node's file comes from one place. The broker URL is the attribute "
-                "imgstorage-broker-url (give each node its own broker user), else the "
-                "frontend's; a NAS's admin_users come from imgstorage-admin-users "
-                "(comma separated). Redirect the output to the node's file.",
-    example="rocks report host imgstorage nas-0-0 > /etc/imgstorage.conf")
-def report_host_imgstorage(inv: Invocation) -> None:
-    host = inv.host(inv.args["host"])
-    reg = inv.registry
-
-    def pick(param: str, *attrs: str) -> Optional[str]:
-        value = inv.param(param)
-        for attr in attrs:
-            if value not in (None, ""):
-                break
-            value = reg.attr(host, attr)
-        return value or None
-
-    network = pick("network", "imgstorage-network", "IB_net")
-    if network is not None:
-        naming.host_name(network)
-    pool = pick("pool", "imgstorage-pool", "vm_container_zpool")
-    if pool is not None:
-        naming.zpool_name(pool)
-    workers = naming.non_negative_int("workers", pick("workers", "imgstorage-workers") or 8,
-                                      minimum=1)
-    is_nas = reg.attr_bool(host, "img_storage_nas") or getattr(host, "appliance", "") == "nas"
-    role = "nas" if is_nas else "vm"
-    conf = {"name": host.name,
-            "broker_url": reg.attr(host, "imgstorage-broker-url") or inv.config.broker_url,
-            "exchange": inv.config.exchange, "backend": "real",
-            "db": f"/var/lib/imgstorage/{role}.db",
-            "log_file": f"/var/log/imgstorage/img-storage-{role}.log",
-            "img_sync_workers": workers}
-    if network:
-        conf["network"] = network
-    if pool:
-        conf["default_pool"] = pool
-    admins = reg.attr(host, "imgstorage-admin-users")
-    if admins and is_nas:
-        conf["admin_users"] = [u.strip() for u in admins.split(",") if u.strip()]
-    inv.echo(json.dumps(conf, indent=2))

@@ -143,6 +143,20 @@ class HostAttr(Base):
     host: Mapped[Host] = relationship(back_populates="attrs")
 
 
+class BrokerIdentity(Base):
+    """A node's own broker user and its generated password.
+
+    Kept apart from the attributes so that no listing of attributes can
+    show the password; the row goes with its host.
+    """
+
+    __tablename__ = "broker_identities"
+    host_id: Mapped[int] = mapped_column(ForeignKey("hosts.id", ondelete="CASCADE"),
+                                         primary_key=True)
+    user: Mapped[str] = mapped_column(String(253))
+    password: Mapped[str] = mapped_column(String(256))
+
+
 @dataclass(frozen=True)
 class ResolvedAttr:
     name: str
@@ -424,6 +438,32 @@ class Registry:
                                   f"{host.appliance}; set its img_storage_nas attribute to true "
                                   f"if it runs img-storage-nas)")
         return host
+
+    def node_role(self, ref: HostRef) -> Optional[str]:
+        """"nas", "vm" (a VM container) or None: which daemon a physical host runs."""
+        host = self.get_host(ref)
+        if host.is_virtual:
+            return None
+        if self.is_nas(host):
+            return "nas"
+        if host.appliance == "vm-container" or self.attr_bool(host, "img_storage_vm"):
+            return "vm"
+        return None
+
+    # -- broker identities -------------------------------------------------
+    def broker_identity(self, ref: HostRef) -> Optional[Tuple[str, str]]:
+        """The node's broker ``(user, password)``, or None before the first sync."""
+        row = self.session.get(BrokerIdentity, self.get_host(ref).id)
+        return (row.user, row.password) if row is not None else None
+
+    def set_broker_identity(self, ref: HostRef, user: str, password: str) -> None:
+        host = self.get_host(ref)
+        row = self.session.get(BrokerIdentity, host.id)
+        if row is None:
+            self.session.add(BrokerIdentity(host_id=host.id, user=user, password=password))
+        else:
+            row.user, row.password = user, password
+        self.session.flush()
 
     # -- VMs ---------------------------------------------------------------
     def get_vm(self, ref: HostRef) -> Host:

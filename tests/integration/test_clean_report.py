@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 from imgstorage.config import from_dict
 
@@ -53,11 +54,26 @@ def test_clean_errors(cluster):
 
 
 def test_report_host_imgstorage(cluster):
-    ok(cluster.rocks("set", "host", "attr", "compute-0-3", "imgstorage-network", "ibnet"))
-    conf = json.loads(ok(cluster.rocks("report", "host", "imgstorage", "compute-0-3")))
-    cfg = from_dict(conf)                  # what it prints is a valid node configuration
-    assert (cfg.name, cfg.network, cfg.default_pool, cfg.img_sync_workers) == (
-        "compute-0-3", "ibnet", "tank", 8)
-    conf = json.loads(ok(cluster.rocks("report", "host", "imgstorage", "nas-0-0", "workers=3")))
-    assert conf["name"] == "nas-0-0" and conf["img_sync_workers"] == 3 and "nas" in conf["db"]
-    fails(cluster.rocks("report", "host", "imgstorage", "nobody-9"), "unknown host nobody-9")
+    # Broker users are global to the broker: these nodes get names of their own.
+    run = uuid.uuid4().hex[:6]
+    nas, vmc = f"nas-r{run}", f"compute-r{run}"
+    ok(cluster.rocks("add", "host", nas, "appliance=nas"))
+    ok(cluster.rocks("add", "host", vmc, "appliance=compute"))
+    ok(cluster.rocks("set", "host", "attr", vmc, "img_storage_vm", "true"))
+    ok(cluster.rocks("set", "host", "attr", vmc, "imgstorage-network", "ibnet"))
+    fails(cluster.rocks("report", "host", "imgstorage", vmc),
+          f"host {vmc} has no broker user yet: run 'rocks sync host imgstorage {vmc}' first")
+    try:
+        ok(cluster.rocks("sync", "host", "imgstorage", nas, vmc))
+        conf = json.loads(ok(cluster.rocks("report", "host", "imgstorage", vmc)))
+        cfg = from_dict(conf)              # what it prints is a valid node configuration
+        assert (cfg.name, cfg.network, cfg.default_pool, cfg.img_sync_workers) == (
+            vmc, "ibnet", "tank", 8)
+        assert cfg.broker_user == vmc and cfg.admin_users == ["guest"]
+        assert nas in cfg.nas_users and "nas-0-0" in cfg.nas_users
+        conf = json.loads(ok(cluster.rocks("report", "host", "imgstorage", nas, "workers=3")))
+        assert conf["name"] == nas and conf["img_sync_workers"] == 3 and "nas" in conf["db"]
+        assert "nas_users" not in conf and conf["admin_users"] == ["guest"]
+        fails(cluster.rocks("report", "host", "imgstorage", "nobody-9"), "unknown host nobody-9")
+    finally:
+        ok(cluster.rocks("remove", "host", nas, vmc))
