@@ -164,7 +164,8 @@ def log_refusal(config: Config, user: Optional[str], action: str, zvol: Optional
     """The one warning line of a refusal (who, what, which zvol, why); its text."""
     who = user or "an unidentified user"
     what = f"{action} of {zvol}" if zvol else action
-    log.warning("refused %s from broker user %r on %s: %s", what, who, config.name, why)
+    log.warning("refused %s from %s on %s: %s", what,
+                f"broker user {user!r}" if user else who, config.name, why)
     return f"{who} may not ask {config.name} for {what}: {why}"
 
 
