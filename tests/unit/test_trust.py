@@ -20,7 +20,7 @@ from imgstorage.config import from_dict
 from imgstorage.db import create_schema, make_engine
 from imgstorage.drivers import node_drivers
 from imgstorage.drivers.base import ChapCredentials
-from imgstorage.drivers.sim import blockdev, zfs as sim_zfs
+from imgstorage.drivers.sim import zfs as sim_zfs
 from imgstorage.errors import ForbiddenError
 from imgstorage.messaging import Envelope
 from imgstorage.nas import handlers as nas_handlers
@@ -370,3 +370,15 @@ def test_a_nas_refuses_management_from_a_container(nas, action, body):
         handlers[action](request(action, NAS_HOST, **body))
     assert nas_state(tmp_path) == before and containers.requests == []
     assert handlers["ping"](request("ping", NAS_HOST))["status"] == "success"
+
+
+@pytest.mark.parametrize("role", ["nas", "vm"])
+def test_a_node_says_at_start_whom_it_listens_to(role, caplog):
+    with caplog.at_level(logging.INFO, logger="imgstorage.trust"):
+        trust.announce(OPEN, role)
+        trust.announce(STRICT, role)
+    open_line, strict_line = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert open_line[0] == logging.WARNING and "any broker user" in open_line[1]
+    assert strict_line[0] == logging.INFO and "strict mode" in strict_line[1]
+    assert ADMIN in strict_line[1]
+    assert (NAS in strict_line[1]) is (role == "vm")
