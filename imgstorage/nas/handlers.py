@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import logging
-from typing import Dict
+from typing import Callable, Dict, Optional
 
-from .. import naming, paging, protocol
-from ..errors import ValidationError
+from .. import naming, paging, protocol, trust
+from ..errors import ImgStorageError, ValidationError
 from ..messaging import Envelope
 from ..protocol import field, optional_name
 from .service import NasService
@@ -13,14 +13,36 @@ from .service import NasService
 log = logging.getLogger(__name__)
 
 QUICK = {"list_zvols", "get_zvol_attrs", "get_attrs", "ping"}
-# Actions that change or destroy something: only admin_users may ask (when set).
+# Actions that change or destroy something.  In strict mode every action but ping
+# and a container's notifications is an administrator's (imgstorage/trust.py).
 MANAGEMENT = {"map_zvol", "unmap_zvol", "del_zvol", "set_zvol_attrs", "set_attrs", "del_attrs",
               "clean_zvol"}
 
 
+def _zvol_of(env: Envelope) -> Optional[str]:
+    """The zvol a refused request names, for the log line, when it is a valid name."""
+    try:
+        return naming.zvol_name(env.body.get("zvol"))
+    except (ImgStorageError, TypeError):
+        return None
+
+
+def guarded(config, handler: Callable[[Envelope], Optional[dict]]
+            ) -> Callable[[Envelope], Optional[dict]]:
+    """``handler`` behind the sender check: a refused request changes nothing."""
+    def run(env: Envelope) -> Optional[dict]:
+        why = trust.nas_refusal(config, env.user_id, env.action)
+        if why:
+            raise trust.refused(config, env.user_id, env.action, _zvol_of(env), why)
+        return handler(env)
+    run.__name__ = getattr(handler, "__name__", "handler")
+    return run
+
+
 def build(service: NasService) -> Dict[str, object]:
     store = service.store
-    default_timeout = service.config.timeout
+    config = service.config
+    default_timeout = config.timeout
 
     def locked(env: Envelope, zvol: str):
         return store.locked(zvol, env.action, env.message_id, env.user_id)
@@ -119,6 +141,11 @@ def build(service: NasService) -> Dict[str, object]:
     def zvol_synced(env: Envelope) -> None:
         """A container reports that its merge finished (a notification: no reply)."""
         zvol = field(env.body, "zvol", naming.zvol_name)
+        row = store.get(zvol)
+        why = trust.notification_refusal(config, env.user_id, row.remotehost if row else None)
+        if why:
+            trust.log_refusal(config, env.user_id, env.action, zvol, why)   # and dropped
+            return None
         status = env.body.get("status")
         error = env.body.get("error")
         # No lock: a notification cannot be answered "busy" and retried.  The
@@ -130,10 +157,11 @@ def build(service: NasService) -> Dict[str, object]:
     def ping(env: Envelope) -> dict:
         return protocol.success("ping", node=service.name, role="nas")
 
-    return {
+    handlers = {
         "map_zvol": map_zvol, "unmap_zvol": unmap_zvol, "del_zvol": del_zvol,
         "list_zvols": list_zvols, "get_zvol_attrs": get_zvol_attrs,
         "set_zvol_attrs": set_zvol_attrs, "get_attrs": get_attrs, "set_attrs": set_attrs,
         "del_attrs": del_attrs, "zvol_synced": zvol_synced, "clean_zvol": clean_zvol,
         "ping": ping,
     }
+    return {action: guarded(config, handler) for action, handler in handlers.items()}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from .. import dblock, poolwait
+from .. import dblock, poolwait, trust
 from ..config import Config
 from ..daemon import Daemon, command_line
 from ..db import create_schema, make_engine
@@ -28,15 +28,11 @@ def build_daemon(cfg: Config) -> Daemon:
     service.recover()
     reexport_targets(store, service.drivers)
     return Daemon(cfg, handlers.build(service), quick_actions=handlers.QUICK,
-                  background=[service.sync], restricted=handlers.MANAGEMENT)
+                  background=[service.sync])
 
 
 def _announce(cfg: Config) -> None:
-    if not cfg.admin_users:
-        log.warning("admin_users is not set: management requests are accepted from any "
-                    "broker user")
-    else:
-        log.info("management requests are accepted from: %s", ", ".join(cfg.admin_users))
+    trust.announce(cfg, "nas")
 
 
 cli = command_line(

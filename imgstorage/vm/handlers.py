@@ -4,9 +4,9 @@ from __future__ import annotations
 import re
 import time
 from contextlib import contextmanager
-from typing import Dict, Iterator
+from typing import Dict, Iterator, Optional
 
-from .. import naming, paging, protocol
+from .. import naming, paging, protocol, trust
 from ..drivers.base import ChapCredentials
 from ..errors import ValidationError
 from ..messaging import Envelope
@@ -38,15 +38,36 @@ def _snap(value) -> str:
 
 
 def build(service: VmService) -> Dict[str, object]:
-    default_timeout = service.config.timeout
+    config = service.config
+    default_timeout = config.timeout
     zfs = service.drivers.zfs
 
+    def admit(env: Envelope, zvol: Optional[str] = None, target: Optional[str] = None) -> None:
+        """Refuse a sender that may not ask for this (imgstorage/trust.py)."""
+        if not config.strict:
+            return
+        row = service.row(zvol) if zvol else None
+        why = trust.vm_refusal(config, env.user_id, env.action, row is not None,
+                               row.nas_node if row else None)
+        if why is None and zvol is not None:
+            why = trust.vm_target_refusal(config, env.user_id, zvol, target, row is not None,
+                                          row.iscsi_target if row else None)
+        if why:
+            raise trust.refused(config, env.user_id, env.action, zvol, why)
+
     @contextmanager
-    def held(env: Envelope, zvol: str) -> Iterator[float]:
-        """The zvol for this request, and the seconds left to work on it once held."""
+    def held(env: Envelope, zvol: str, target: Optional[str] = None) -> Iterator[float]:
+        """The zvol for this request, and the seconds left to work on it once held.
+
+        The sender is checked before anything is touched (no lock either) and
+        again once the zvol is held: a map by another NAS in between must not
+        make its zvol this sender's.
+        """
+        admit(env, zvol, target)
         budget = env.budget(default_timeout)
         started = time.monotonic()
         with service.zvol_lock(zvol, wait=min(LOCK_WAIT, budget / 3)):
+            admit(env, zvol, target)
             yield max(1.0, budget - (time.monotonic() - started))
 
     def map_zvol(env: Envelope) -> dict:
@@ -65,6 +86,10 @@ def build(service: VmService) -> Dict[str, object]:
             volsize = (size or 0) * naming.GIB or None
             if volsize is None:
                 raise ValidationError("sync mode needs the volume's size")
+        why = trust.vm_map_refusal(config, env.user_id, nas_node)
+        if why:
+            raise trust.refused(config, env.user_id, "map_zvol", zvol, why)
+        nas_node = trust.map_as(config, env.user_id, nas_node)
         with held(env, zvol) as budget:
             bdev = service.map_zvol(zvol, target, nas, sync, remotepool, chap,
                                     budget, volsize=volsize,
@@ -74,7 +99,7 @@ def build(service: VmService) -> Dict[str, object]:
     def unmap_zvol(env: Envelope) -> dict:
         zvol = field(env.body, "zvol", naming.zvol_name)
         target = field(env.body, "target", optional_name(naming.iqn), required=False)
-        with held(env, zvol) as budget:
+        with held(env, zvol, target) as budget:
             out = service.unmap_zvol(zvol, target, budget)
         return protocol.success("unmap_zvol", target=target, zvol=zvol, **out)
 
@@ -139,17 +164,19 @@ def build(service: VmService) -> Dict[str, object]:
     def clean_zvol(env: Envelope) -> dict:
         zvol = field(env.body, "zvol", naming.zvol_name)
         target = field(env.body, "target", optional_name(naming.iqn), required=False)
-        with held(env, zvol):
+        with held(env, zvol, target):
             out = service.clean_zvol(zvol, target)
         return protocol.success("clean_zvol", zvol=zvol, **out)
 
     def list_dev(env: Envelope) -> dict:
+        admit(env)
         request = paging.page_request(env.body)
         page = paging.take(sorted(service.list_dev().items()), request)
         return protocol.success("list_dev", node_type="mixed", body=dict(page.items),
                                 **page.reply_fields())
 
     def initiator_name(env: Envelope) -> dict:
+        admit(env)
         return protocol.success("initiator_name", initiator=service.initiator_name())
 
     def ping(env: Envelope) -> dict:

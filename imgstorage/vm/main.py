@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from .. import dblock, poolwait
+from .. import dblock, poolwait, trust
 from ..config import Config
 from ..errors import ImgStorageError
 from ..messaging import RpcClient
@@ -46,7 +46,7 @@ cli = command_line(
     "Serve the VM-container side of imgstorage: iSCSI sessions and local devices.\n\n"
     "Consumes this node's queue on the broker named in the configuration and runs in the "
     "foreground until SIGTERM, letting work in flight finish.",
-    build_daemon)
+    build_daemon, lambda cfg: trust.announce(cfg, "vm"))
 
 
 def main() -> None:

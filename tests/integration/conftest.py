@@ -9,7 +9,7 @@ import pytest
 
 from imgstorage.config import from_dict
 from imgstorage.messaging import RpcClient
-from imgstorage.simcluster import SimCluster, broker_url, broker_vhost
+from imgstorage.simcluster import SimCluster, broker_url, broker_vhost, node_users
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +20,8 @@ def vhost():
 
 def _cluster(tmp_path_factory, vhost, name: str = "cluster", **kw):
     cluster = SimCluster(tmp_path_factory.mktemp(name), broker_url(vhost), **kw)
+    if cluster.strict:
+        node_users(vhost, cluster.nas + cluster.containers)
     assert cluster.make_pools() == cluster.nas + cluster.containers
     cluster.start()
     return cluster
@@ -42,6 +44,12 @@ def registered_cluster(tmp_path_factory, vhost, name: str, **kw):
         yield c
     finally:
         c.stop_all()
+
+
+def strict_cluster(tmp_path_factory, vhost, name: str, **kw):
+    """A fixture body: a registered cluster in strict mode, each node its own broker user
+    (named after it), the operator's commands run as the administrator ("guest")."""
+    yield from registered_cluster(tmp_path_factory, vhost, name, strict=True, **kw)
 
 
 @pytest.fixture(scope="module")
