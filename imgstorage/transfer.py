@@ -847,6 +847,10 @@ class StreamServer:
         finally:
             for hs in waiting.values():
                 _close_quietly(hs.sock)
+            if waiting:
+                self.refused += len(waiting)
+                log.warning("stream server on port %d closed %d connections that had not "
+                            "presented the token", self.port, len(waiting))
             selector.close()
             self.close()
             if self.refused > LOGGED_REFUSALS:

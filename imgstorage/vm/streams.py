@@ -91,7 +91,8 @@ class Reservation:
     """
 
     def __init__(self, config: Config) -> None:
-        slots.take(config.max_streams)
+        self._slots = slots      # the counter it came from, even if the module's is replaced
+        self._slots.take(config.max_streams)
         self.config = config
         self._mine = True
 
@@ -104,7 +105,7 @@ class Reservation:
     def release(self) -> None:
         if self._mine:
             self._mine = False
-            slots.give_back()
+            self._slots.give_back()
 
     def _serve(self, open_end: Callable, serve: Callable, what: str, name: str) -> Dict:
         """Open the end and the endpoint, serve it on a thread, answer where it is."""
@@ -121,7 +122,7 @@ class Reservation:
                     _serve(what, lambda: serve(server, end))
                 finally:
                     server.close()
-                    slots.give_back()
+                    self._slots.give_back()
 
             thread = threading.Thread(target=run, name=name, daemon=True)
             self._mine = False     # from here on the thread gives the slot back
