@@ -810,14 +810,20 @@ class StreamServer:
         if self._used or self._listener is None:
             raise DriverError(f"the stream server on port {self.port} was already used")
         self._used = True
+        listener = self._listener
         waiting: Dict[socket.socket, _Handshake] = {}
         selector = selectors.DefaultSelector()
         try:
-            self._listener.setblocking(False)
-            selector.register(self._listener, selectors.EVENT_READ, None)
+            try:
+                listener.setblocking(False)
+                selector.register(listener, selectors.EVENT_READ, None)
+            except (OSError, ValueError):        # closed from another thread meanwhile
+                raise DriverError(f"the stream server on port {self.port} was closed") from None
             while True:
                 if cancel is not None and cancel.is_set():
                     raise TransferCancelled()
+                if self._listener is None:       # closed from another thread
+                    raise DriverError(f"the stream server on port {self.port} was closed")
                 now = time.monotonic()
                 if now >= self._deadline:
                     raise DriverError(f"nobody connected to the stream server on port "
@@ -829,7 +835,7 @@ class StreamServer:
                 wake = min([self._deadline] + [hs.deadline for hs in waiting.values()])
                 for key, _ in selector.select(max(0.0, min(wake - now, ACCEPT_SLICE))):
                     if key.data is None:
-                        self._take_one(selector, waiting)
+                        self._take_one(listener, selector, waiting)
                         continue
                     hs = key.data
                     if hs.sock not in waiting:
@@ -857,11 +863,11 @@ class StreamServer:
                 log.warning("stream server on port %d refused %d connections in all",
                             self.port, self.refused)
 
-    def _take_one(self, selector: selectors.BaseSelector,
+    def _take_one(self, listener: socket.socket, selector: selectors.BaseSelector,
                   waiting: Dict[socket.socket, "_Handshake"]) -> None:
         """One new connection per round, so the hellos already sent are read in between."""
         try:
-            conn, addr = self._listener.accept()  # type: ignore[union-attr]
+            conn, addr = listener.accept()
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:

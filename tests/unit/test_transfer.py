@@ -373,6 +373,15 @@ def test_idle_and_wrong_token_strangers_never_hold_up_the_peer():
     assert server.refused == 3 + len(idle) + 1
 
 
+def test_closing_the_server_ends_a_waiting_accept():
+    server, _ = open_server(timeout=600)
+    outcome = in_thread(server.accept)
+    wait_for(lambda: server._used)
+    server.close()
+    result, error = outcome()
+    assert isinstance(error, DriverError) and "was closed" in str(error)
+
+
 def test_a_connection_that_presents_no_token_in_time_is_closed():
     server, token = open_server(timeout=60, hello_timeout=0.2)
     received = MemorySink()
