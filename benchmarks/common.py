@@ -33,7 +33,7 @@ from imgstorage.drivers.sim.snapshots import VOLBLOCKSIZE, Volume  # noqa: E402
 from imgstorage.errors import ImgStorageError  # noqa: E402
 from imgstorage.messaging import RpcClient  # noqa: E402
 from imgstorage.simcluster import SimCluster, broker_url, broker_vhost  # noqa: E402
-from imgstorage.transfer import SocketSink, StreamServer, new_token, pump  # noqa: E402
+from imgstorage.transfer import SocketSink, StreamServer, pump  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -146,8 +146,8 @@ def tcp_transfer(src: simzfs.SimZfs, pool: str, zvol: str, snap: str, base: Opti
     end).  The clock stops when the sender has heard that the receiver
     committed the stream.  Returns (seconds, bytes sent).
     """
-    token = new_token()
-    server = StreamServer.open("127.0.0.1", token, timeout=60.0)
+    server = StreamServer.open("127.0.0.1", timeout=60.0)
+    token = server.token
     outcome: Dict[str, object] = {}
 
     def serve() -> None:

@@ -10,8 +10,9 @@ cancelled, and never lets a receiver commit a stream whose producer failed.
 Two transports carry the bytes between hosts:
 
 * TCP with a one-time token: the VM-container daemon opens a
-  :class:`StreamServer` on an ephemeral port and hands the port and token to
-  the NAS through the message broker; the NAS connects with
+  :class:`StreamServer` on an ephemeral port of its storage address, the
+  server draws the token itself, and the daemon hands the port and token to
+  the NAS in its answer through the message broker; the NAS connects with
   :class:`SocketSink` (upload) or :class:`SocketSource` (pull).  Data travel
   in length-prefixed frames with an explicit end frame, so a connection that
   drops mid-stream can never pass for a complete stream, and the receiving
@@ -26,6 +27,7 @@ import hmac
 import logging
 import select
 import secrets
+import selectors
 import shlex
 import socket
 import struct
@@ -53,7 +55,9 @@ RATE_SAMPLE_SPACING = 0.1  # at most one rate sample per this many seconds
 CONNECT_TIMEOUT = 10.0
 IO_TIMEOUT = 120.0         # no byte moved for this long: the peer is gone
 COMMIT_TIMEOUT = 600.0     # zfs receive may take a while to commit after the end
-HELLO_TIMEOUT = 10.0       # a connection gets this long to present its token
+HELLO_TIMEOUT = 5.0        # a connection gets this long to present its token
+MAX_HANDSHAKES = 32        # connections waiting to present a token at once, per endpoint
+LOGGED_REFUSALS = 20       # refused connections logged one by one per endpoint; then counted
 LINGER = 2.0               # drain the socket this long after an ERR status
 ACCEPT_SLICE = 0.5         # how often a waiting accept looks at the cancel event
 
@@ -713,35 +717,82 @@ def _linger_close(sock: socket.socket) -> None:
         _close_quietly(sock)
 
 
-class StreamServer:
-    """A one-shot TCP endpoint for one stream, opened by the VM-container daemon.
+class _Handshake:
+    """A connection that has yet to present the token, read without blocking."""
 
-    It listens on an ephemeral port and admits exactly one connection: the
-    first that presents the token.  Others are closed and the wait goes on
-    until the deadline, so a port scan cannot take the transfer's place.
+    def __init__(self, sock: socket.socket, peer: str, expected: bytes, deadline: float) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.expected = expected
+        self.deadline = deadline
+        self.data = b""
+        self.why = ""
+
+    def receive(self) -> Optional[bool]:
+        """True: the token; False: anything else (``why`` says what); None: not all there yet."""
+        try:
+            part = self.sock.recv(HELLO_SIZE - len(self.data))
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            self.why = f"connection failed: {_describe(exc)}"
+            return False
+        if not part:
+            self.why = "closed before presenting a token"
+            return False
+        self.data += part
+        if len(self.data) < HELLO_SIZE:
+            return None
+        # Fixed size: compared in constant time, nothing a stranger sent is parsed.
+        if hmac.compare_digest(self.data, self.expected):
+            return True
+        self.why = "wrong token"
+        return False
+
+
+class StreamServer:
+    """A one-shot TCP endpoint for one stream, opened by the side that serves it.
+
+    The server draws its own token (:attr:`token`); whoever asked for the
+    stream learns it only from the answer, so a requester can never choose
+    or replay one.  It listens on an ephemeral port of the address it is
+    given and admits exactly one connection: the first that presents the
+    token.  Connections are admitted concurrently: each gets
+    ``hello_timeout`` seconds to present the token and is closed when it
+    does not, and at most ``max_handshakes`` wait at once (the longest
+    waiting is dropped for a newcomer), so strangers that connect and say
+    nothing, or say the wrong thing, never hold up the peer with the token.
     """
 
-    def __init__(self, listener: socket.socket, token: str, timeout: float,
-                 io_timeout: float = IO_TIMEOUT) -> None:
+    def __init__(self, listener: socket.socket, timeout: float,
+                 io_timeout: float = IO_TIMEOUT, *, hello_timeout: float = HELLO_TIMEOUT,
+                 max_handshakes: int = MAX_HANDSHAKES) -> None:
+        if max_handshakes < 1:
+            raise ValueError("max_handshakes must be positive")
         self._listener: Optional[socket.socket] = listener
-        self._expected = _hello(token)
+        self.token = new_token()
+        self._expected = _hello(self.token)
         self.timeout = timeout
         self.io_timeout = io_timeout
+        self.hello_timeout = hello_timeout
+        self.max_handshakes = max_handshakes
         self.host, self.port = listener.getsockname()[:2]
         self._deadline = time.monotonic() + timeout
         self._used = False
+        self.refused = 0     # connections closed without admission, for logs and tests
 
     @classmethod
-    def open(cls, bind_host: str, token: str, timeout: float, *,
-             io_timeout: float = IO_TIMEOUT) -> "StreamServer":
+    def open(cls, bind_host: str, timeout: float, *, io_timeout: float = IO_TIMEOUT,
+             hello_timeout: float = HELLO_TIMEOUT,
+             max_handshakes: int = MAX_HANDSHAKES) -> "StreamServer":
         """Listen on ``bind_host`` (an ephemeral port); ``timeout`` bounds the wait for the peer."""
-        _hello(token)   # reject a bad token before opening anything
         try:
-            listener = socket.create_server((bind_host, 0), backlog=8)
+            listener = socket.create_server((bind_host, 0), backlog=max(8, max_handshakes))
         except OSError as exc:
             raise DriverError(f"cannot listen for a stream on {bind_host}: "
                               f"{exc.strerror or _describe(exc)}") from None
-        return cls(listener, token, timeout, io_timeout)
+        return cls(listener, timeout, io_timeout, hello_timeout=hello_timeout,
+                   max_handshakes=max_handshakes)
 
     def __enter__(self) -> "StreamServer":
         return self
@@ -759,42 +810,101 @@ class StreamServer:
         if self._used or self._listener is None:
             raise DriverError(f"the stream server on port {self.port} was already used")
         self._used = True
+        listener = self._listener
+        waiting: Dict[socket.socket, _Handshake] = {}
+        selector = selectors.DefaultSelector()
         try:
+            try:
+                listener.setblocking(False)
+                selector.register(listener, selectors.EVENT_READ, None)
+            except (OSError, ValueError):        # closed from another thread meanwhile
+                raise DriverError(f"the stream server on port {self.port} was closed") from None
             while True:
                 if cancel is not None and cancel.is_set():
                     raise TransferCancelled()
-                remaining = self._deadline - time.monotonic()
-                if remaining <= 0:
-                    raise DriverError(f"nobody connected to the stream server on port {self.port} "
-                                      f"with the transfer's token within {self.timeout:g} s")
-                self._listener.settimeout(min(remaining, ACCEPT_SLICE))
-                try:
-                    conn, addr = self._listener.accept()
-                except socket.timeout:
-                    continue
-                except OSError as exc:
-                    raise DriverError(f"the stream server on port {self.port} failed: "
-                                      f"{_describe(exc)}") from None
-                peer = f"{addr[0]}:{addr[1]}"
-                if self._admit(conn, peer, remaining):
-                    return conn, peer
+                if self._listener is None:       # closed from another thread
+                    raise DriverError(f"the stream server on port {self.port} was closed")
+                now = time.monotonic()
+                if now >= self._deadline:
+                    raise DriverError(f"nobody connected to the stream server on port "
+                                      f"{self.port} with the transfer's token within "
+                                      f"{self.timeout:g} s")
+                for hs in [hs for hs in waiting.values() if hs.deadline <= now]:
+                    self._refuse(selector, waiting, hs,
+                                 f"no token within {self.hello_timeout:g} s")
+                wake = min([self._deadline] + [hs.deadline for hs in waiting.values()])
+                for key, _ in selector.select(max(0.0, min(wake - now, ACCEPT_SLICE))):
+                    if key.data is None:
+                        self._take_one(listener, selector, waiting)
+                        continue
+                    hs = key.data
+                    if hs.sock not in waiting:
+                        continue   # dropped earlier in this round
+                    verdict = hs.receive()
+                    if verdict is None:
+                        continue
+                    if verdict:
+                        selector.unregister(hs.sock)
+                        del waiting[hs.sock]
+                        if self._admit(hs):
+                            return hs.sock, hs.peer
+                    else:
+                        self._refuse(selector, waiting, hs, hs.why)
         finally:
+            for hs in waiting.values():
+                _close_quietly(hs.sock)
+            if waiting:
+                self.refused += len(waiting)
+                log.warning("stream server on port %d closed %d connections that had not "
+                            "presented the token", self.port, len(waiting))
+            selector.close()
             self.close()
+            if self.refused > LOGGED_REFUSALS:
+                log.warning("stream server on port %d refused %d connections in all",
+                            self.port, self.refused)
 
-    def _admit(self, conn: socket.socket, peer: str, remaining: float) -> bool:
+    def _take_one(self, listener: socket.socket, selector: selectors.BaseSelector,
+                  waiting: Dict[socket.socket, "_Handshake"]) -> None:
+        """One new connection per round, so the hellos already sent are read in between."""
         try:
-            conn.settimeout(min(HELLO_TIMEOUT, max(remaining, 0.1)))
-            hello = _recv_exact(conn, HELLO_SIZE, peer, "waiting for the token")
-            if len(hello) == HELLO_SIZE and hmac.compare_digest(hello, self._expected):
-                _no_delay(conn)
-                conn.settimeout(self.io_timeout)
-                _send_all(conn, _READY, peer)
-                return True
-            log.warning("refused a stream connection from %s: wrong token", peer)
-        except DriverError as exc:
-            log.warning("dropped a stream connection from %s: %s", peer, exc)
-        _close_quietly(conn)
-        return False
+            conn, addr = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            raise DriverError(f"the stream server on port {self.port} failed: "
+                              f"{_describe(exc)}") from None
+        if len(waiting) >= self.max_handshakes:
+            oldest = min(waiting.values(), key=lambda hs: hs.deadline)
+            self._refuse(selector, waiting, oldest,
+                         f"more than {self.max_handshakes} connections waiting to present a token")
+        conn.setblocking(False)
+        hs = _Handshake(conn, f"{addr[0]}:{addr[1]}", self._expected,
+                        time.monotonic() + self.hello_timeout)
+        waiting[conn] = hs
+        selector.register(conn, selectors.EVENT_READ, hs)
+
+    def _refuse(self, selector: selectors.BaseSelector,
+                waiting: Dict[socket.socket, "_Handshake"], hs: "_Handshake", why: str) -> None:
+        selector.unregister(hs.sock)
+        del waiting[hs.sock]
+        _close_quietly(hs.sock)
+        self.refused += 1
+        if self.refused <= LOGGED_REFUSALS:
+            log.warning("refused a stream connection from %s on port %d: %s",
+                        hs.peer, self.port, why)
+
+    def _admit(self, hs: "_Handshake") -> bool:
+        conn, peer = hs.sock, hs.peer
+        try:
+            conn.setblocking(True)
+            _no_delay(conn)
+            conn.settimeout(self.io_timeout)
+            _send_all(conn, _READY, peer)
+            return True
+        except (DriverError, OSError) as exc:
+            log.warning("lost the stream connection from %s before it started: %s", peer, exc)
+            _close_quietly(conn)
+            return False
 
     def serve_into(self, sink: ByteSink, *, rate_limit: Optional[int] = None,
                    progress: Optional[Progress] = None,

@@ -618,7 +618,9 @@ class ZfsCli:
 
         ``pool``/``zvol`` are not used: the token names the snapshot (by name
         and guid, and ``zfs send -t`` finds it by guid wherever it is now)
-        and the offset to continue from.  A snapshot that is gone fails the
+        and the offset to continue from.  A token comes from the other node,
+        so callers check it with :meth:`send_resume_size` first, which refuses
+        one naming another dataset.  A snapshot that is gone fails the
         stream at close, in zfs's words ("used in the initial send no longer
         exists").
         """
@@ -630,7 +632,9 @@ class ZfsCli:
         The dry run prints the decoded token first (``resume token
         contents:`` and its nvlist, tab indented) and then the usual
         ``full``/``incremental`` and ``size`` lines, counting only the bytes
-        the receiver does not have yet.
+        the receiver does not have yet.  The token comes from the other node:
+        one whose ``toname`` is not a snapshot of ``pool/zvol`` would send
+        another dataset, and is refused.
         """
         argv = send_resume_argv(token, estimate=True)
         result = self.runner.run(argv, check=False)
@@ -643,6 +647,11 @@ class ZfsCli:
             size = parse_send_size(result.stderr)
         if size is None:
             raise DriverError(f"`zfs send -nP -t {token[:24]}...` printed no size estimate")
+        named = [line.strip()[len("toname = "):] for line in result.stdout.splitlines()
+                 if line.strip().startswith("toname = ")]
+        if len(named) != 1 or named[0].split("@", 1)[0] != f"{pool}/{zvol}":
+            raise ValidationError(f"the resume token names {named[0] if named else 'no snapshot'}"
+                                  f", not a snapshot of {pool}/{zvol}")
         return size
 
     # -------------------------------------------------------------- holds

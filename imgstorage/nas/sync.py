@@ -222,7 +222,8 @@ class SyncManager:
         if exc is None:
             self._resuming.discard(zvol)
             self._resume_failures.pop(zvol, None)
-        elif not isinstance(exc, (NoSuchNode, RpcTimeout, BrokerUnavailable)):
+        elif not isinstance(exc, (NoSuchNode, RpcTimeout, BrokerUnavailable)) \
+                and getattr(exc, "code", None) != "busy":   # a busy node tried nothing
             self._resume_failures[zvol] = self._resume_failures.get(zvol, 0) + 1
 
     def _fresh(self, zvol: str) -> None:

@@ -2,25 +2,42 @@
 
 Both take the NAS's own ``zfs send``/``zfs receive`` and pump it against the
 container's end, throttled and measured by imgstorage.transfer.  With TCP the
-container daemon opens a one-time endpoint guarded by a token that travels in
-the request; with ssh the NAS runs the container's zfs as ``ssh_user``.  The
-simulated backend always uses TCP, so its bytes really cross a socket.
+NAS asks for a stream and the container daemon opens a one-time endpoint on
+its storage address, guarded by a token it draws itself and names in its
+answer (the NAS never chooses one); with ssh the NAS runs the container's zfs
+as ``ssh_user``.  The simulated backend always uses TCP, so its bytes really
+cross a socket.  What the container answers (endpoint, token, size) is
+checked before the NAS uses it.
 
 Every receive is resumable (``zfs receive -s``); the sync manager decides
 whether a transfer starts fresh or resumes, and the transports only carry it.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
-from typing import Callable, Dict, Optional
+import re
+from typing import Callable, Dict, Optional, Tuple
 
+from .. import naming
 from ..drivers.base import ByteSource
 from ..drivers.resolver import network_name
 from ..errors import ImgStorageError
 from ..runner import default_runner
-from ..transfer import SocketSink, SocketSource, new_token, pump, ssh_sink, ssh_source
+from ..transfer import SocketSink, SocketSource, pump, ssh_sink, ssh_source
 
 log = logging.getLogger(__name__)
+
+TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{20,53}")   # as transfer.new_token draws it; fits the hello
+MAX_STREAM_SIZE = 1 << 60
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        return False
 
 
 def _move(job, rate: Optional[int], open_source, open_sink) -> None:
@@ -44,31 +61,45 @@ def _send_request(row, request: Dict) -> Dict:
     return message
 
 
+def _stream_size(reply: Dict) -> Optional[int]:
+    """The container's estimate of a pull, used for progress only; refused when absurd."""
+    size = reply.get("size")
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size < MAX_STREAM_SIZE:
+        raise ImgStorageError("the container answered an invalid stream size")
+    return size
+
+
+def _endpoint(reply: Dict) -> Tuple[str, int, str]:
+    """Where the container's endpoint is and its token, checked before anything connects."""
+    address, port, token = reply.get("address"), reply.get("port"), reply.get("token")
+    if not isinstance(address, str) or not (naming._HOST_RE.match(address) or _is_ip(address)) \
+            or isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ImgStorageError("the container answered without a valid stream endpoint")
+    if not isinstance(token, str) or not TOKEN_RE.fullmatch(token):
+        raise ImgStorageError("the container answered without a valid stream token")
+    return address, port, token
+
+
 class TcpTransport:
     def __init__(self, service):
         self.svc = service
 
-    def _endpoint(self, reply: dict):
-        address, port = reply.get("address"), reply.get("port")
-        if not isinstance(address, str) or not isinstance(port, int) or not 0 < port < 65536:
-            raise ImgStorageError("the container answered without a stream endpoint")
-        return address, port
-
     def upload(self, row, open_source: Callable[[], ByteSource], job, rate: Optional[int]) -> None:
-        token = new_token()
         reply = self.svc.remote(row.remotehost, {"action": "recv_zvol", "zvol": row.zvol,
-                                                 "token": token})
-        address, port = self._endpoint(reply)
+                                                 "stream": True})
+        address, port, token = _endpoint(reply)
         _move(job, rate, open_source, lambda: SocketSink.connect(address, port, token))
 
     def pull(self, row, request: Dict, job, rate: Optional[int]) -> Optional[int]:
-        token = new_token()
-        reply = self.svc.remote(row.remotehost, dict(_send_request(row, request), token=token))
-        job.progress.total = reply.get("size")
-        address, port = self._endpoint(reply)
+        reply = self.svc.remote(row.remotehost, dict(_send_request(row, request), stream=True))
+        size = _stream_size(reply)
+        job.progress.total = size
+        address, port, token = _endpoint(reply)
         _move(job, rate, lambda: SocketSource.connect(address, port, token),
               lambda: self.svc.drivers.zfs.receive(row.zpool, row.zvol, resumable=True))
-        return reply.get("size")
+        return size
 
 
 class SshTransport:
@@ -86,7 +117,8 @@ class SshTransport:
 
     def pull(self, row, request: Dict, job, rate: Optional[int]) -> Optional[int]:
         reply = self.svc.remote(row.remotehost, _send_request(row, request))
-        job.progress.total = reply.get("size")
+        size = _stream_size(reply)
+        job.progress.total = size
         host = self._host(row.remotehost)
         if "resume_token" in request:
             open_source = lambda: ssh_source(default_runner, self.user, host,  # noqa: E731
@@ -98,7 +130,7 @@ class SshTransport:
                                              request.get("base"))
         _move(job, rate, open_source,
               lambda: self.svc.drivers.zfs.receive(row.zpool, row.zvol, resumable=True))
-        return reply.get("size")
+        return size
 
 
 def make_transport(config, service):

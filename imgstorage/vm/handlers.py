@@ -1,7 +1,6 @@
 """VM-container message handlers: validate, hold the zvol, call the service, reply."""
 from __future__ import annotations
 
-import re
 import time
 from contextlib import contextmanager
 from typing import Dict, Iterator, Optional
@@ -27,10 +26,15 @@ def _chap(value) -> ChapCredentials:
     return ChapCredentials(value["userid"], value["password"])
 
 
-def _token(value) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_-]{20,128}", value):
-        raise ValidationError("invalid transfer token")
-    return value
+def _stream_request(body: dict) -> bool:
+    """Whether the requester asks for a stream endpoint; it may not bring the token."""
+    if "token" in body:
+        # A token the requester chose is one it (or whoever wrote the message)
+        # knows before the endpoint opens: the serving side draws it instead.
+        raise ValidationError('a stream token is drawn by the container that serves the '
+                              'stream: ask with "stream": true and no "token"')
+    return field(body, "stream", lambda v: naming.parse_bool(v, "stream flag"),
+                 required=False, default=False)
 
 
 def _snap(value) -> str:
@@ -111,36 +115,37 @@ def build(service: VmService) -> Dict[str, object]:
         return protocol.success("sync_zvol", zvol=zvol, merging=True)
 
     def recv_zvol(env: Envelope) -> dict:
-        """Without ``token``: where the copy stands here (state, resume token and the
+        """Without ``stream``: where the copy stands here (state, resume token and the
         snapshots that arrived whole); with ``restart``: the partial state is thrown
-        away first; with ``token``: the one-time endpoint the NAS streams into."""
+        away first; with ``stream``: the one-time endpoint the NAS streams into, and
+        the token this container drew for it."""
         zvol = field(env.body, "zvol", naming.zvol_name)
-        token = field(env.body, "token", _token, required=False)
+        stream = _stream_request(env.body)
         restart = field(env.body, "restart", protocol.bool_field, required=False, default=False)
-        with held(env, zvol):
-            if not (token or restart):
+        with streams.reserve(service.config, stream) as slot, held(env, zvol):
+            if not (slot or restart):
                 return protocol.success("recv_zvol", **service.receive_state(zvol))
             row = service.require(zvol, *RECEIVING)
             if restart:
                 zfs.abort_resume(row.remotepool, zvol)
             reply = {"zvol": zvol, "resume_token": zfs.resume_token(row.remotepool, zvol)}
-            if token:
-                sink = zfs.receive(row.remotepool, zvol, resumable=True)
-                reply.update(streams.serve_receive(service.config, token, sink,
-                                                   f"NAS->VM copy of {zvol} into "
-                                                   f"{row.remotepool}"))
+            if slot:
+                reply.update(slot.serve_receive(
+                    lambda: zfs.receive(row.remotepool, zvol, resumable=True),
+                    f"NAS->VM copy of {zvol} into {row.remotepool}"))
         return protocol.success("recv_zvol", **reply)
 
     def send_zvol(env: Envelope) -> dict:
         """A stream of a new snapshot (``snap`` from ``base``) or, with ``resume_token``,
-        the rest of one the NAS received in part."""
+        the rest of one the NAS received in part; with ``stream``, served on a one-time
+        endpoint whose token this container drew."""
         m = env.body
         zvol = field(m, "zvol", naming.zvol_name)
         resume = field(m, "resume_token", optional_name(naming.resume_token), required=False)
         snap = field(m, "snap", _snap, required=resume is None)
         base = field(m, "base", optional_name(_snap), required=False)
-        token = field(m, "token", _token, required=False)
-        with held(env, zvol):
+        stream = _stream_request(m)
+        with streams.reserve(service.config, stream) as slot, held(env, zvol):
             row = service.require(zvol, *PULLABLE)
             if resume:
                 size = zfs.send_resume_size(row.remotepool, zvol, resume)
@@ -149,10 +154,11 @@ def build(service: VmService) -> Dict[str, object]:
                 size = service.snapshot_for_pull(zvol, snap, base)
                 what = f"NAS<-VM sync of {zvol} ({snap})"
             reply = {"zvol": zvol, "size": size}
-            if token:
-                source = (zfs.send_resume(row.remotepool, zvol, resume) if resume
-                          else zfs.send(row.remotepool, zvol, snap, base))
-                reply.update(streams.serve_send(service.config, token, source, what))
+            if slot:
+                reply.update(slot.serve_send(
+                    lambda: (zfs.send_resume(row.remotepool, zvol, resume) if resume
+                             else zfs.send(row.remotepool, zvol, snap, base)),
+                    what))
         return protocol.success("send_zvol", **reply)
 
     def del_local(env: Envelope) -> dict:

@@ -285,14 +285,130 @@ def test_sinks_that_can_be_told_why_are_told():
 
 
 # ---------------------------------------------------------------------- TCP
-def open_server(timeout: float = 10.0, token: Optional[str] = None):
-    token = token or new_token()
-    return StreamServer.open("127.0.0.1", token, timeout), token
+def open_server(timeout: float = 10.0, **options):
+    server = StreamServer.open("127.0.0.1", timeout, **options)
+    return server, server.token
 
 
 def test_tokens_are_long_and_single_use_material():
     a, b = new_token(), new_token()
     assert a != b and len(a) >= 43
+
+
+def test_each_server_draws_its_own_token():
+    first, _ = open_server()
+    second, _ = open_server()
+    try:
+        assert first.token != second.token and len(first.token) >= 43
+        with pytest.raises(TypeError):
+            StreamServer.open("127.0.0.1", first.token, 10.0)   # no way to hand one in
+    finally:
+        first.close()
+        second.close()
+
+
+def test_the_listener_is_bound_to_the_given_address_only():
+    server, _ = open_server()
+    try:
+        assert server.host == "127.0.0.1"
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.2", server.port), timeout=5).close()
+    finally:
+        server.close()
+
+
+def _idle(port: int) -> socket.socket:
+    """A stranger that connects and says nothing."""
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    sock.settimeout(10)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def _still_open(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        sock.recv(1)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never came true"
+        time.sleep(0.01)
+
+
+def test_idle_and_wrong_token_strangers_never_hold_up_the_peer():
+    # Strangers would hold a one-at-a-time server for their whole (here very
+    # long) handshake time; the peer's own patience is far shorter than that.
+    server, token = open_server(timeout=60, hello_timeout=600)
+    received = MemorySink()
+    outcome = in_thread(lambda: server.serve_into(received))
+    idle = [_idle(server.port) for _ in range(8)]
+    for _ in range(3):
+        with pytest.raises(DriverError, match="refused the connection"):
+            SocketSink.connect("127.0.0.1", server.port, new_token(), io_timeout=30)
+    half = _idle(server.port)
+    half.sendall(transfer._hello(token)[:20])        # part of the right hello, never the rest
+    assert all(_still_open(sock) for sock in idle + [half])   # all still held open...
+    client = SocketSink.connect("127.0.0.1", server.port, token, io_timeout=30)  # ...meanwhile
+    pump(MemorySource(PAYLOAD), client)
+    result, error = outcome()
+    assert error is None and result == len(PAYLOAD) and received.data == PAYLOAD
+    assert received.committed
+    # The first right one won: the strangers are let go and nothing listens any more.
+    assert all(_closed_by_server(sock) for sock in idle + [half])
+    with pytest.raises(ConnectionRefusedError):
+        _idle(server.port)
+    assert server.refused == 3 + len(idle) + 1
+
+
+def test_closing_the_server_ends_a_waiting_accept():
+    server, _ = open_server(timeout=600)
+    outcome = in_thread(server.accept)
+    wait_for(lambda: server._used)
+    server.close()
+    result, error = outcome()
+    assert isinstance(error, DriverError) and "was closed" in str(error)
+
+
+def test_a_connection_that_presents_no_token_in_time_is_closed():
+    server, token = open_server(timeout=60, hello_timeout=0.2)
+    received = MemorySink()
+    outcome = in_thread(lambda: server.serve_into(received))
+    idle = _idle(server.port)
+    assert _closed_by_server(idle)
+    wait_for(lambda: server.refused == 1)
+    client = SocketSink.connect("127.0.0.1", server.port, token)
+    pump(MemorySource(b"payload"), client)
+    assert outcome()[1] is None and received.data == b"payload"
+
+
+def test_waiting_handshakes_are_bounded_and_the_oldest_go_first():
+    server, token = open_server(timeout=60, hello_timeout=600, max_handshakes=4)
+    received = MemorySink()
+    outcome = in_thread(lambda: server.serve_into(received))
+    idle = []
+    for n in range(10):
+        idle.append(_idle(server.port))
+        # connections are taken in order; each newcomer past four drops the oldest
+        wait_for(lambda: server.refused == max(0, n + 1 - 4))
+    assert all(_closed_by_server(sock) for sock in idle[:6])
+    assert all(_still_open(sock) for sock in idle[6:])
+    client = SocketSink.connect("127.0.0.1", server.port, token)
+    pump(MemorySource(PAYLOAD), client)
+    result, error = outcome()
+    assert error is None and received.data == PAYLOAD
 
 
 def test_upload_round_trip_commits_and_reports_ok():
@@ -477,9 +593,13 @@ def test_connecting_to_nothing_fails_cleanly():
 
 
 @pytest.mark.parametrize("token", ["", "has space", "x" * 60, "caf\u00e9"])
-def test_unusable_tokens_are_rejected_before_listening(token):
-    with pytest.raises(ValidationError):
-        StreamServer.open("127.0.0.1", token, 1)
+def test_unusable_tokens_are_rejected_before_connecting(token):
+    server, _ = open_server()
+    try:
+        with pytest.raises(ValidationError):
+            SocketSink.connect("127.0.0.1", server.port, token)
+    finally:
+        server.close()
 
 
 # ---------------------------------------------------------------------- ssh
