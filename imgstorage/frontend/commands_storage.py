@@ -16,7 +16,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from .. import naming, protocol
-from ..errors import BusyError, ImgStorageError, RemoteError, ValidationError
+from ..errors import ImgStorageError, ValidationError
 from ..nas.client import NasClient
 from ..nas.states import SYNC_ACTIVE
 from ..rpcapi import Asking
@@ -39,27 +39,6 @@ def nas_client(inv: Invocation, nas: str) -> NasClient:
 def vm_client(inv: Invocation, host: str) -> VmClient:
     """The container's API over this command's connection and timeout."""
     return VmClient(Asking(inv.request), host)
-
-
-BUSY_RETRY = 1.0        # seconds between two unmaps of a zvol another request holds
-
-
-def unmap(inv: Invocation, nas: str, zvol: str) -> None:
-    """Unmap, asking again while the NAS or the container is busy with the zvol.
-
-    Busy means another request holds the zvol and nothing was changed, so
-    asking again is safe; the original NAS requeued such an unmap until the
-    lock was free.  The command's timeout bounds the whole.
-    """
-    deadline = time.monotonic() + inv.timeout
-    while True:
-        try:
-            nas_client(inv, nas).unmap_zvol(zvol)
-            return
-        except RemoteError as exc:
-            if exc.code != BusyError.code or time.monotonic() + BUSY_RETRY > deadline:
-                raise
-        time.sleep(BUSY_RETRY)
 
 
 # -------------------------------------------------------------- mappings
@@ -114,7 +93,7 @@ def remove_host_storagemap(inv: Invocation) -> None:
     zvol = naming.zvol_name(inv.args["volume"])
     nas = inv.nas(inv.args["nas"]).name
     inv.echo(f"unmapping   {nas} : {zvol}")
-    unmap(inv, nas, zvol)
+    nas_client(inv, nas).unmap_zvol(zvol)
     inv.echo("Success")
 
 

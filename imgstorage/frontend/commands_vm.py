@@ -14,7 +14,7 @@ from .. import naming
 from ..errors import ImgStorageError, StateError, ValidationError
 from .commands_base import (Arg, Invocation, Param, bool_param, command, int_param,
                             size_param)
-from .commands_storage import nas_client, unmap
+from .commands_storage import nas_client
 from .registry import (APPLIANCES, DEFAULT_CPUS, DEFAULT_DISK_GB, DEFAULT_MEMORY_MB, Disk,
                        Host)
 from .tables import Table
@@ -263,7 +263,7 @@ def start_vm(inv: Invocation, vm: Host) -> None:
 def _unmap_after_failure(inv: Invocation, nas: str, zvol: str) -> str:
     """Undo a mapping nobody will use; say how that went, for the one error line."""
     try:
-        unmap(inv, nas, zvol)
+        nas_client(inv, nas).unmap_zvol(zvol)
     except ImgStorageError as exc:
         return f"unmapping {nas}:{zvol} failed too: {exc}"
     return f"{nas}:{zvol} was unmapped again"
@@ -299,5 +299,5 @@ def stop_vm(inv: Invocation, vm: Host, terminate: bool) -> None:
             inv.echo(f"VM {vm.name} is not running on physical node {container}")
     if disk.nas is not None:
         zvol = naming.volume_for_vm(vm.name)
-        unmap(inv, disk.nas.name, zvol)
+        nas_client(inv, disk.nas.name).unmap_zvol(zvol)
         inv.echo(f"{disk.nas.name}:{zvol} unmapped from {container}")

@@ -542,39 +542,6 @@ def test_daemon_errors_are_one_line(cluster):
         "node nas-0-0 did not answer within 7 s"
 
 
-def test_an_unmap_answered_busy_is_asked_again(cluster, monkeypatch):
-    monkeypatch.setattr(commands_storage, "BUSY_RETRY", 0.01)
-    busy = RemoteError("nas-0-0", "unmap_zvol", "vol1 is busy (map_zvol)", "busy")
-    cluster.rpc.expect("nas-0-0", UNMAP_VOL1, error=busy)
-    cluster.rpc.expect("nas-0-0", UNMAP_VOL1, error=busy)
-    cluster.rpc.expect("nas-0-0", UNMAP_VOL1)
-    assert ok("remove", "host", "storagemap", "nas-0-0", "vol1") == \
-        "unmapping   nas-0-0 : vol1\nSuccess\n"
-    assert cluster.rpc.script == []
-
-
-def test_an_unmap_refused_otherwise_is_not_asked_again(cluster, monkeypatch):
-    monkeypatch.setattr(commands_storage, "BUSY_RETRY", 0.01)
-    cluster.rpc.expect("nas-0-0", UNMAP_VOL1, error=RemoteError(
-        "nas-0-0", "unmap_zvol", "ZVol vol1 is already being synced home (NAS<-VM)", "state"))
-    assert fails("remove", "host", "storagemap", "nas-0-0", "vol1") == \
-        "ZVol vol1 is already being synced home (NAS<-VM)"
-    assert len(cluster.rpc.sent) == 1
-
-
-def test_a_zvol_busy_past_the_timeout_fails_with_the_nas_words(cluster, monkeypatch):
-    # the next attempt would come after the command's timeout: none is made
-    monkeypatch.setattr(commands_storage, "BUSY_RETRY", 5.0)
-    busy = RemoteError("nas-0-0", "unmap_zvol", "vol1 is busy (map_zvol)", "busy")
-    cluster.rpc.expect("nas-0-0", UNMAP_VOL1, error=busy)
-    assert fails("remove", "host", "storagemap", "nas-0-0", "vol1", "timeout=1") == \
-        "vol1 is busy (map_zvol)"
-    assert len(cluster.rpc.sent) == 1
-
-
-UNMAP_VOL1 = {"action": "unmap_zvol", "zvol": "vol1"}
-
-
 def _zrow(zvol, host, zpool, target, state, started=None):
     return {"zvol": zvol, "zpool": zpool, "iscsi_target": target, "remotehost": host,
             "remotepool": None, "state": state, "time": started, "nextsync": None,
