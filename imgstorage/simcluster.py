@@ -21,7 +21,9 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from .config import from_dict
 from .errors import ImgStorageError
 from .messaging import RpcClient
+from .nas.client import NasClient
 from .runner import Runner
+from .vm.client import VmClient
 
 PYTHON = sys.executable
 ENTRY = {
@@ -183,7 +185,8 @@ class SimCluster:
                                       f"{self.log_path(node)}: {self.tail(node)}")
             try:
                 with RpcClient(cfg) as rpc:
-                    rpc.request(node, {"action": "ping"}, timeout=2)
+                    client = NasClient if self.role(node) == "nas" else VmClient
+                    client(rpc, node).ping(timeout=2)
                 return
             except ImgStorageError as exc:
                 last = exc

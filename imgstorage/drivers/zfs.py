@@ -42,7 +42,8 @@ import time
 from typing import Any, Callable, List, Optional, Sequence
 
 from .. import naming
-from ..errors import CommandError, DriverError, NotFoundError, ValidationError
+from ..errors import (CommandError, DriverError, NotFoundError, NotResumableError,
+                      ValidationError)
 from ..runner import Runner
 from .base import HOLD_TAG, ByteSink, ByteSource, ZvolInfo
 
@@ -89,6 +90,15 @@ def _missing_line(stderr: str) -> str:
         if "dataset does not exist" in line or "no longer exists" in line:
             return line.strip()
     return _last_line(stderr)
+
+
+def _resume_refused(stderr: str) -> Optional[str]:
+    """zfs's own line when ``zfs send -t`` refuses a token ("cannot resume send: ..."):
+    the snapshot is gone or changed, or the token is corrupt; None otherwise."""
+    for line in stderr.splitlines():
+        if line.strip().startswith("cannot resume send"):
+            return line.strip()
+    return None
 
 
 # The one rule for tokens (imgstorage.naming), under the name the driver and
@@ -258,9 +268,18 @@ class ReceiveInterrupted(CommandError):
                      "The partially received stream was kept and can be resumed.",)
 
 
+class ResumeRefused(CommandError, NotResumableError):
+    """``zfs send -t`` refused its token once the stream had started (its snapshot
+    went away meanwhile): the transfer must start over, as NotResumableError says."""
+
+    code = NotResumableError.code
+
+
 def stream_error(argv: Sequence[str], returncode: Optional[int], stderr: str) -> CommandError:
     """The error for a failed send or receive, from what the command printed."""
     flat = " ".join(stderr.split())   # zfs wraps some messages over two lines
+    if _resume_refused(stderr):
+        return ResumeRefused(argv, returncode, stderr)
     if any(marker in flat for marker in _MISMATCH_MARKERS):
         return ReceiveMismatch(argv, returncode, stderr)
     if _PARTIAL_MARKER in flat:
@@ -639,7 +658,10 @@ class ZfsCli:
         argv = send_resume_argv(token, estimate=True)
         result = self.runner.run(argv, check=False)
         if result.returncode != 0:
-            if "no longer exists" in result.stderr or _missing(result.stderr):
+            refused = _resume_refused(result.stderr)
+            if refused:
+                raise NotResumableError(refused)
+            if _missing(result.stderr):
                 raise NotFoundError(_missing_line(result.stderr))
             raise CommandError(argv, result.returncode, result.stderr, result.stdout)
         size = parse_send_size(result.stdout)

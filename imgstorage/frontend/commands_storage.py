@@ -14,9 +14,12 @@ from __future__ import annotations
 import time
 from typing import Any, Dict, List, Optional
 
-from .. import naming, paging, protocol
+from .. import naming, protocol
 from ..errors import ImgStorageError, ValidationError
+from ..nas.client import NasClient
 from ..nas.states import SYNC_ACTIVE
+from ..rpcapi import Asking
+from ..vm.client import VmClient
 from .commands_base import Arg, Invocation, Param, bool_param, command, none_or
 from .tables import Table, countdown, elapsed, percent, rate, short_error, synced
 
@@ -25,6 +28,16 @@ _NAS = Arg("NAS", "a registered NAS (appliance nas, or attribute img_storage_nas
 
 def _malformed(node: str, what: str) -> ImgStorageError:
     return ImgStorageError(f"{node} sent a malformed {what}")
+
+
+def nas_client(inv: Invocation, nas: str) -> NasClient:
+    """The NAS's API over this command's connection and timeout."""
+    return NasClient(Asking(inv.request), nas)
+
+
+def vm_client(inv: Invocation, host: str) -> VmClient:
+    """The container's API over this command's connection and timeout."""
+    return VmClient(Asking(inv.request), host)
 
 
 # -------------------------------------------------------------- mappings
@@ -60,11 +73,9 @@ def add_host_storagemap(inv: Invocation) -> None:
             raise ValidationError("img_sync is true but no remotepool was given")
         naming.zpool_name(remotepool)
     inv.echo(f"mapping  {nas} : {zpool} / {zvol}  on  {remote.name}")
-    reply = inv.request(nas, {"action": "map_zvol", "zpool": zpool, "zvol": zvol,
-                              "remotehost": remote.name, "remotepool": remotepool,
-                              "size": size, "sync": sync})
-    bdev = reply.get("bdev")
-    if not isinstance(bdev, str) or not bdev:
+    bdev = nas_client(inv, nas).map_zvol(zvol, zpool=zpool, remotehost=remote.name,
+                                         remotepool=remotepool, size=size, sync=sync)
+    if bdev is None:
         raise _malformed(nas, "reply (no block device)")
     inv.echo(bdev)
 
@@ -81,7 +92,7 @@ def remove_host_storagemap(inv: Invocation) -> None:
     zvol = naming.zvol_name(inv.args["volume"])
     nas = inv.nas(inv.args["nas"]).name
     inv.echo(f"unmapping   {nas} : {zvol}")
-    inv.request(nas, {"action": "unmap_zvol", "zvol": zvol})
+    nas_client(inv, nas).unmap_zvol(zvol)
     inv.echo("Success")
 
 
@@ -98,7 +109,7 @@ def remove_host_storageimg(inv: Invocation) -> None:
     zvol = naming.zvol_name(inv.args["volume"])
     nas = inv.nas(inv.args["nas"]).name
     inv.echo(f"removing   {nas} : {zpool} / {zvol}")
-    inv.request(nas, {"action": "del_zvol", "zpool": zpool, "zvol": zvol})
+    nas_client(inv, nas).del_zvol(zvol, zpool=zpool)
     inv.echo("Success")
 
 
@@ -145,8 +156,7 @@ def list_host_storagemap(inv: Invocation) -> None:
 
 def zvol_list(inv: Invocation, nas: str) -> List[Dict[str, Any]]:
     """Every zvol of ``nas``, page after page when the NAS sends its listing in pages."""
-    return paging.fetch_all(lambda message: inv.request(nas, message), {"action": "list_zvols"},
-                            keyed=False, malformed=lambda: _malformed(nas, "zvol list"))
+    return nas_client(inv, nas).list_zvols()
 
 
 def _when(epoch: Any) -> Optional[str]:
@@ -169,9 +179,7 @@ def list_host_storagedev(inv: Invocation) -> None:
     table = Table(["HOST", "ZVOL", "LVM", "STATUS", "SIZE (GB)", "BLOCK DEV", "IS STARTED",
                    "SYNCED", "TIME"])
     for host in [inv.host(name).name for name in inv.args["host"]]:
-        body = paging.fetch_all(lambda message: inv.request(host, message),
-                                {"action": "list_dev"}, keyed=True,
-                                malformed=lambda: _malformed(host, "device list"))
+        body = vm_client(inv, host).list_dev()
         now = time.time()
         for key, dev in body.items():
             table.add(host, dev.get("zvol") or key, dev.get("device"), dev.get("status"),
@@ -207,7 +215,7 @@ def set_host_zvolattr(inv: Invocation) -> None:
         value = naming.non_negative_int(attr, text, allow_none=False,
                                         minimum=1 if attr == "frequency" else 0)
     nas = inv.nas(inv.args["nas"]).name
-    inv.request(nas, {"action": "set_zvol_attrs", "zvol": zvol, "attrs": {attr: value}})
+    nas_client(inv, nas).set_zvol_attrs(zvol, {attr: value})
 
 
 @command(
@@ -218,9 +226,7 @@ def set_host_zvolattr(inv: Invocation) -> None:
 def list_host_zvolattr(inv: Invocation) -> None:
     zvol = naming.zvol_name(inv.args["zvol"])
     nas = inv.nas(inv.args["nas"]).name
-    body = inv.request(nas, {"action": "get_zvol_attrs", "zvol": zvol}).get("body")
-    if not isinstance(body, dict):
-        raise _malformed(nas, "zvol attribute list")
+    body = nas_client(inv, nas).get_zvol_attrs(zvol)
     table = Table(["NAS", "ZVOL", "FREQUENCY", "NEXTSYNC", "UPLOADSPEED", "DOWNLOADSPEED"])
     table.add(nas, body.get("zvol") or zvol, body.get("frequency"), body.get("nextsync"),
               body.get("uploadspeed"), body.get("downloadspeed"))
@@ -237,7 +243,7 @@ def set_host_storageattr(inv: Invocation) -> None:
     attr = naming.attr_name(inv.args["attr"])
     value = naming.attr_value(none_or(inv.args["value"]))
     nas = inv.nas(inv.args["nas"]).name
-    inv.request(nas, {"action": "set_attrs", "attrs": {attr: value}})
+    nas_client(inv, nas).set_attrs({attr: value})
 
 
 @command(
@@ -247,7 +253,7 @@ def set_host_storageattr(inv: Invocation) -> None:
 def remove_host_storageattr(inv: Invocation) -> None:
     attr = naming.attr_name(inv.args["attr"])
     nas = inv.nas(inv.args["nas"]).name
-    inv.request(nas, {"action": "del_attrs", "attrs": [attr]})
+    nas_client(inv, nas).del_attrs([attr])
 
 
 @command(
@@ -257,9 +263,7 @@ def remove_host_storageattr(inv: Invocation) -> None:
 def list_host_storageattr(inv: Invocation) -> None:
     table = Table(["NAS", "ATTR", "VALUE"])
     for nas in _nases(inv, inv.args["nas"]):
-        attrs: Any = inv.request(nas, {"action": "get_attrs"}).get("attrs")
-        if not isinstance(attrs, dict):
-            raise _malformed(nas, "attribute list")
+        attrs = nas_client(inv, nas).get_attrs()
         for name in sorted(attrs):
             table.add(nas, name, attrs[name])
     inv.table(table)
@@ -307,8 +311,7 @@ def clean_host_storagemap(inv: Invocation) -> None:
     if nodetype in (None, "vmc"):
         if host:
             inv.echo(f"cleaning {host}")
-            out = inv.request(host, {"action": "clean_zvol", "zvol": zvol,
-                                     "target": row.get("iscsi_target")})
+            out = vm_client(inv, host).clean_zvol(zvol, target=row.get("iscsi_target"))
             for line in out.get("done") or []:
                 inv.echo(f"  {line}")
         elif nodetype == "vmc":
@@ -316,6 +319,6 @@ def clean_host_storagemap(inv: Invocation) -> None:
                                   "container with host=HOST")
     if nodetype in (None, "nas"):
         inv.echo(f"cleaning {nas}")
-        inv.request(nas, {"action": "clean_zvol", "zvol": zvol, "force": force})
+        nas_client(inv, nas).clean_zvol(zvol, force=force)
     inv.echo("Success")
 

@@ -14,6 +14,7 @@ from .. import naming
 from ..errors import ImgStorageError, StateError, ValidationError
 from .commands_base import (Arg, Invocation, Param, bool_param, command, int_param,
                             size_param)
+from .commands_storage import nas_client
 from .registry import (APPLIANCES, DEFAULT_CPUS, DEFAULT_DISK_GB, DEFAULT_MEMORY_MB, Disk,
                        Host)
 from .tables import Table
@@ -243,11 +244,9 @@ def start_vm(inv: Invocation, vm: Host) -> None:
     if sync and remotepool is None:
         raise ValidationError(f"img_sync is true for {container} but its vm_container_zpool "
                               f"attribute is not set")
-    reply = inv.request(nas, {"action": "map_zvol", "zpool": disk.zpool, "zvol": zvol,
-                              "remotehost": container, "remotepool": remotepool,
-                              "size": disk.size_gb, "sync": sync})
-    bdev = reply.get("bdev")
-    if not isinstance(bdev, str) or not bdev:
+    bdev = nas_client(inv, nas).map_zvol(zvol, zpool=disk.zpool, remotehost=container,
+                                         remotepool=remotepool, size=disk.size_gb, sync=sync)
+    if bdev is None:
         note = _unmap_after_failure(inv, nas, zvol)
         raise StateError(f"{nas} mapped {zvol} but did not say which device it became; {note}")
     inv.echo(f"{nas}:{zvol} mapped to {container}:{bdev}")
@@ -264,7 +263,7 @@ def start_vm(inv: Invocation, vm: Host) -> None:
 def _unmap_after_failure(inv: Invocation, nas: str, zvol: str) -> str:
     """Undo a mapping nobody will use; say how that went, for the one error line."""
     try:
-        inv.request(nas, {"action": "unmap_zvol", "zvol": zvol})
+        nas_client(inv, nas).unmap_zvol(zvol)
     except ImgStorageError as exc:
         return f"unmapping {nas}:{zvol} failed too: {exc}"
     return f"{nas}:{zvol} was unmapped again"
@@ -300,5 +299,5 @@ def stop_vm(inv: Invocation, vm: Host, terminate: bool) -> None:
             inv.echo(f"VM {vm.name} is not running on physical node {container}")
     if disk.nas is not None:
         zvol = naming.volume_for_vm(vm.name)
-        inv.request(disk.nas.name, {"action": "unmap_zvol", "zvol": zvol})
+        nas_client(inv, disk.nas.name).unmap_zvol(zvol)
         inv.echo(f"{disk.nas.name}:{zvol} unmapped from {container}")

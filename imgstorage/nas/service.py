@@ -17,9 +17,11 @@ from ..config import Config
 from ..drivers import NodeDrivers
 from ..drivers.base import ChapCredentials
 from ..drivers.resolver import host_known, network_name
-from ..errors import ImgStorageError, NotFoundError, StateError, ValidationError
+from ..errors import ImgStorageError, NotFoundError, RemoteError, StateError, ValidationError
 from ..messaging import RpcClient
 from ..protocol import ContainerState
+from ..rpcapi import PerRequest
+from ..vm.client import VmClient
 from .states import MOVING, RUNNING_FROM_COPY, SYNC_ACTIVE, UNMAPPABLE, Event, State, display
 from .store import NasStore
 
@@ -43,9 +45,18 @@ class NasService:
         self.transport = make_transport(config, self)
 
     def remote(self, host: str, message: Dict, timeout: Optional[float] = None) -> Dict:
-        """Ask a container something; an error reply raises RemoteError with its text."""
+        """Ask a container something; an error reply raises RemoteError with its code.
+
+        Only the stream transports still send a message of their own; everything
+        else asks through ``container``.
+        """
         with self.rpc_factory() as rpc:
             return rpc.request(host, message, timeout or self.config.timeout)
+
+    def container(self, host: str, rpc=None) -> VmClient:
+        """``host``'s daemon; a connection per request unless ``rpc`` is one to share."""
+        return VmClient(rpc if rpc is not None else PerRequest(self.rpc_factory), host,
+                        timeout=self.config.timeout)
 
     @property
     def name(self) -> str:
@@ -107,20 +118,19 @@ class NasService:
         try:
             deadline = time.monotonic() + timeout
             with self.rpc_factory() as rpc:
-                initiator = rpc.request(remotehost, {"action": "initiator_name"},
-                                        _left(deadline))["initiator"]
-                initiator = naming.iqn(initiator)
+                there = self.container(remotehost, rpc)
+                initiator = naming.iqn(there.initiator_name(timeout=_left(deadline)))
                 self.drivers.target.create_target(
                     target, self.drivers.zfs.device_path(zpool, zvol), initiator, chap)
                 target_made = True
-                message = self._map_message(zvol, target, size_gb, size_bytes, sync,
-                                            remotehost, remotepool, chap)
                 asked = True
-                reply = rpc.call(remotehost, message, _left(deadline))
-            if reply.get("status") != "success":
-                asked = False       # a container that refuses has undone its own part
-                raise ImgStorageError("Error attaching iSCSI target to compute node: "
-                                      f"{reply.get('error', 'unknown error')}")
+                try:
+                    reply = self._ask_map(there, zvol, target, size_gb, size_bytes, sync,
+                                          remotehost, remotepool, chap, _left(deadline))
+                except RemoteError as exc:
+                    asked = False   # a container that refuses has undone its own part
+                    raise relayed(exc, "Error attaching iSCSI target to compute node: "
+                                  f"{exc}") from None
             bdev = reply.get("bdev")
             if not isinstance(bdev, str) or not bdev.startswith("/dev/"):
                 raise ImgStorageError(f"compute node {remotehost} answered without a block device")
@@ -137,16 +147,15 @@ class NasService:
             self.sync.wake()
         return {"bdev": bdev, "target": target}
 
-    def _map_message(self, zvol: str, target: str, size_gb: int, size_bytes: Optional[int],
-                     sync: bool, remotehost: str, remotepool: Optional[str],
-                     chap: Optional[ChapCredentials]) -> Dict:
+    def _ask_map(self, there: VmClient, zvol: str, target: str, size_gb: int,
+                 size_bytes: Optional[int], sync: bool, remotehost: str,
+                 remotepool: Optional[str], chap: Optional[ChapCredentials],
+                 timeout: float) -> Dict:
         """The map_zvol request a container gets, the first time and when asked again."""
-        message = {"action": "map_zvol", "target": target, "nas": self.portal(),
-                   "nas_node": self.name, "zvol": zvol, "size": size_gb, "volsize": size_bytes,
-                   "sync": sync, "remotehost": remotehost, "remotepool": remotepool}
-        if chap:
-            message["chap"] = {"userid": chap.userid, "password": chap.password}
-        return message
+        return there.map_zvol(zvol, target=target, nas=self.portal(), nas_node=self.name,
+                              size=size_gb, volsize=size_bytes, sync=sync,
+                              remotehost=remotehost, remotepool=remotepool, chap=chap,
+                              timeout=timeout)
 
     def _current_disk(self, row, size_gb: int, timeout: float) -> str:
         """The iSCSI disk a direct mapping has on its container now.
@@ -159,13 +168,13 @@ class NasService:
         """
         chap = (ChapCredentials(row.chap_user, row.chap_secret)
                 if row.chap_user and row.chap_secret else None)
-        message = self._map_message(row.zvol, row.iscsi_target, size_gb, row.size_bytes, False,
-                                    row.remotehost, None, chap)
         try:
-            bdev = self.remote(row.remotehost, message, timeout).get("bdev")
+            bdev = self._ask_map(self.container(row.remotehost), row.zvol, row.iscsi_target,
+                                 size_gb, row.size_bytes, False, row.remotehost, None, chap,
+                                 timeout).get("bdev")
         except ImgStorageError as exc:
-            raise ImgStorageError(f"ZVol {row.zvol} is mapped to {row.remotehost}, which could "
-                                  f"not confirm its device: {exc}") from None
+            raise relayed(exc, f"ZVol {row.zvol} is mapped to {row.remotehost}, which could "
+                          f"not confirm its device: {exc}") from None
         if not isinstance(bdev, str) or not bdev.startswith("/dev/"):
             raise ImgStorageError(f"compute node {row.remotehost} answered without a block device")
         if bdev != row.bdev:
@@ -214,14 +223,14 @@ class NasService:
             row = self.store.require(zvol)          # a cancelled pull went back to local
             self.store.transition(zvol, Event.UNMAP)
             try:
-                reply = self.remote(row.remotehost, {"action": "unmap_zvol", "zvol": zvol,
-                                                     "target": row.iscsi_target,
-                                                     "sync": bool(row.sync)}, timeout)
+                reply = self.container(row.remotehost).unmap_zvol(
+                    zvol, target=row.iscsi_target, sync=bool(row.sync), timeout=timeout)
             except Exception as exc:
                 self.store.transition(zvol, Event.FAILED, last_error=str(exc)[:1000])
                 if isinstance(exc, ImgStorageError) and not isinstance(exc, StateError):
-                    raise ImgStorageError("Error detaching iSCSI target from compute node: "
-                                          f"{exc}") from None
+                    # the container's kind of failure (busy, state, ...) stays the answer's
+                    raise relayed(exc, "Error detaching iSCSI target from compute node: "
+                                  f"{exc}") from None
                 raise
             if not reply.get("local") and State(row.state) in RUNNING_FROM_COPY:
                 # The container should hold the VM's latest writes; "nothing here"
@@ -383,11 +392,10 @@ class NasService:
         if not row.remotehost:
             return None
         try:
-            body = self.remote(row.remotehost, {"action": "list_dev"},
-                               RECOVERY_TIMEOUT).get("body") or {}
+            body = self.container(row.remotehost).list_dev(timeout=RECOVERY_TIMEOUT)
         except ImgStorageError as exc:
             return f"unreachable ({exc})"
-        entry = body.get(row.zvol) if isinstance(body, dict) else None
+        entry = body.get(row.zvol)
         if not isinstance(entry, dict):
             return None
         return str(entry.get("state") or "unknown")
@@ -400,7 +408,7 @@ class NasService:
                         timeout: float) -> None:
         """Best effort, bounded: the container may have attached before we gave up."""
         try:
-            self.remote(host, {"action": "unmap_zvol", "zvol": zvol, "target": target}, timeout)
+            self.container(host).unmap_zvol(zvol, target=target, timeout=timeout)
             log.info("%s let go of %s after the failed map", host, zvol)
         except ImgStorageError as exc:
             log.warning("could not ask %s to let go of %s after the failed map: %s", host,
@@ -454,6 +462,17 @@ class NasService:
         for key in ("frequency", "nextsync", "uploadspeed", "downloadspeed"):
             body[key] = getattr(attrs, key) if attrs else None
         return body
+
+
+def relayed(exc: ImgStorageError, text: str) -> ImgStorageError:
+    """A container's failure as this NAS's answer: ``text`` for the operator, and the
+    container's code (busy, state, not_found, ...) so the caller can still tell what
+    kind of failure it was."""
+    if isinstance(exc, RemoteError):
+        return RemoteError(exc.node, exc.action, text, exc.code)
+    relay = ImgStorageError(text)
+    relay.code = exc.code
+    return relay
 
 
 def _left(deadline: float) -> float:

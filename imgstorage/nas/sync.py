@@ -33,8 +33,9 @@ import time
 from typing import Dict, Optional, Set
 
 from .. import syncsnaps
-from ..errors import (BrokerUnavailable, ImgStorageError, NoSuchNode, RpcTimeout,
-                      StateError)
+from ..errors import (BrokerUnavailable, BusyError, ImgStorageError, NoSuchNode,
+                      NotResumableError, RpcTimeout, StateError)
+from ..rpcapi import code_of
 from ..syncsnaps import SNAP_PREFIX, new_snapshot_name
 from ..transfer import Progress, TransferCancelled
 from ..protocol import ContainerState as There
@@ -48,11 +49,18 @@ TICK = 1.0
 MAX_BACKOFF = 300.0
 MERGE_CHECK = 30.0          # seconds between asking a container how its merge goes
 RESUME_ATTEMPTS = 3         # failed resumes in a row (the sender reachable) before starting over
+BUSY_RETRY = 2.0            # seconds before asking a container again that was busy with the zvol
 
 
-def cannot_resume(exc: BaseException) -> bool:
-    """The sender's own verdict that a token is of no use (``zfs send -t`` refused it)."""
-    return "cannot resume" in str(exc)
+def not_resumable(exc: BaseException) -> bool:
+    """The sender's own verdict that a token is of no use (``zfs send -t`` refused it),
+    from this NAS's zfs or in a container's answer."""
+    return code_of(exc) == NotResumableError.code
+
+
+def busy(exc: BaseException) -> bool:
+    """The container was working on the zvol for another request: nothing failed."""
+    return code_of(exc) == BusyError.code
 
 
 class SyncManager:
@@ -180,6 +188,12 @@ class SyncManager:
                 self.jobs.start(row.zvol, "pull", lambda job: self._pull(job, final=False))
 
     def _failed(self, zvol: str, what: str, exc: Exception) -> None:
+        if busy(exc):
+            # another request holds the zvol there: ask again soon, with no backoff
+            log.info("%s of %s: the container is busy with it (%s); asking again in %.0f s",
+                     what, zvol, exc, BUSY_RETRY)
+            self.store.update(zvol, retry_at=time.time() + BUSY_RETRY)
+            return
         self._resume_ended(zvol, exc)
         row = self.store.get(zvol)
         failures = (row.failures or 0) + 1 if row else 1
@@ -237,7 +251,8 @@ class SyncManager:
         zfs = self.drivers.zfs
         started = time.monotonic()
         try:
-            there = self.service.remote(row.remotehost, {"action": "recv_zvol", "zvol": row.zvol})
+            container = self.service.container(row.remotehost)
+            there = container.recv_zvol(row.zvol)
             if self._copy_arrived(row, there):
                 return
             snap = self._transfer_snapshot(row)
@@ -248,12 +263,11 @@ class SyncManager:
                 try:
                     job.progress.total = zfs.send_resume_size(row.zpool, row.zvol, token)
                 except ImgStorageError as exc:
-                    if not cannot_resume(exc):
+                    if not not_resumable(exc):
                         raise
                     why = str(exc)
                 if self._give_up_resume(row, why):
-                    self.service.remote(row.remotehost, {"action": "recv_zvol", "zvol": row.zvol,
-                                                         "restart": True})
+                    container.recv_zvol(row.zvol, restart=True)
                     token = None
             if token:
                 self._resuming.add(row.zvol)
@@ -298,8 +312,8 @@ class SyncManager:
         """The copy is on the container: it becomes the base, and the container merges."""
         self._new_base(row, snap)
         if there in (There.SNAPSHOT.value, There.MERGING.value):
-            self.service.remote(row.remotehost, {"action": "sync_zvol", "zvol": row.zvol,
-                                                 "target": row.iscsi_target, "snap": snap})
+            self.service.container(row.remotehost).sync_zvol(row.zvol, target=row.iscsi_target,
+                                                             snap=snap)
         # transfer_snapshot is cleared only now: until the container merges, a
         # restarted daemon must still recognise the copy as this one.
         self.store.transition(row.zvol, Event.UPLOADED, transfer_snapshot=None, failures=0,
@@ -314,12 +328,12 @@ class SyncManager:
         if row is None or row.state != State.MERGING.value:
             return
         try:
-            body = self.service.remote(row.remotehost, {"action": "list_dev"}).get("body") or {}
+            body = self.service.container(row.remotehost).list_dev()
         except ImgStorageError as exc:
             log.warning("could not ask %s how the merge of %s goes: %s", row.remotehost,
                         row.zvol, exc)
             return
-        entry = body.get(row.zvol) if isinstance(body, dict) else None
+        entry = body.get(row.zvol)
         there = entry.get("state") if isinstance(entry, dict) else None
         if there == There.LOCAL.value:
             log.warning("zvol %s: %s finished merging but its report never arrived; "
@@ -362,7 +376,7 @@ class SyncManager:
         try:
             size = self.service.transport.pull(row, request, job, rate)
         except ImgStorageError as exc:
-            if resumed and cannot_resume(exc):
+            if resumed and not_resumable(exc):
                 log.warning("the %s of %s cannot be resumed (%s): it starts over from zero "
                             "at the next attempt", what, row.zvol, exc)
                 zfs.abort_resume(row.zpool, row.zvol)
@@ -451,7 +465,7 @@ class SyncManager:
         record of that was written) answers success, so asking twice is safe.
         """
         try:
-            self.service.remote(row.remotehost, {"action": "del_local", "zvol": row.zvol})
+            self.service.container(row.remotehost).del_local(row.zvol)
         except (ImgStorageError, OSError) as exc:
             self._failed(row.zvol, f"release of {row.remotehost}'s copy", exc)
             return

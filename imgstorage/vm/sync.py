@@ -14,6 +14,8 @@ from typing import Callable, Dict, Optional
 from .. import naming, syncsnaps
 from ..drivers.dm import linear_table, snapshot_merge_table, snapshot_table
 from ..errors import DriverError, ImgStorageError, StateError
+from ..nas.client import NasClient
+from ..rpcapi import OneWay
 from .states import Event, State
 
 log = logging.getLogger(__name__)
@@ -113,8 +115,11 @@ class ContainerSync:
         """Tell the NAS the VM runs from its local copy (it also asks, if this is lost)."""
         log.info("zvol %s merged in %.1fs; running from the local copy", row.zvol,
                  time.time() - (row.merge_started or time.time()))
-        self.notify(row.nas_node, {"action": "zvol_synced", "zvol": row.zvol,
-                                   "status": "success"})
+        self.nas(row).zvol_synced(row.zvol, ok=True)
+
+    def nas(self, row) -> NasClient:
+        """The NAS that mapped ``row``'s zvol here, told through the service's notifier."""
+        return NasClient(OneWay(self.notify), row.nas_node)
 
     def merge_figures(self, zvol: str):
         for st in self.drivers.dm.status(dm_name(zvol)):
@@ -185,8 +190,7 @@ class ContainerSync:
                 except ImgStorageError as exc:
                     log.error("zvol %s: finishing the merge failed: %s", row.zvol, exc)
                     self.svc.update(row.zvol, last_error=str(exc)[:1000])
-                    self.notify(row.nas_node, {"action": "zvol_synced", "zvol": row.zvol,
-                                               "status": "error", "error": str(exc)})
+                    self.nas(row).zvol_synced(row.zvol, ok=False, error=str(exc))
         self.svc.rebuilder.retry_due()
 
 

@@ -10,6 +10,7 @@ from typing import Callable, Dict, List, Tuple
 
 from click.testing import CliRunner
 
+from imgstorage import protocol
 from imgstorage.config import from_dict
 from imgstorage.db import create_schema, make_engine
 from imgstorage.drivers import node_drivers
@@ -64,7 +65,8 @@ class Containers:
     def request(self, node: str, message: Dict, timeout: float) -> Dict:
         reply = self.call(node, message, timeout)
         if reply.get("status") != "success":
-            raise RemoteError(node, message["action"], reply.get("error", "error"))
+            raise RemoteError(node, message["action"], reply.get("error", "error"),
+                              protocol.error_code(reply))
         return reply
 
     def actions(self) -> List[str]:

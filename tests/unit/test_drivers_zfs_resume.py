@@ -22,7 +22,8 @@ from imgstorage.drivers.zfs import (CommandSink, CommandSource, LibZfsCoreZfs, R
                                     ReceiveMismatch, ZfsCli, check_resume_token,
                                     is_receive_mismatch, parse_holds, parse_send_size,
                                     receive_argv, send_argv, send_resume_argv, stream_error)
-from imgstorage.errors import CommandError, DriverError, NotFoundError, ValidationError
+from imgstorage.errors import (CommandError, DriverError, NotFoundError, NotResumableError,
+                               ValidationError)
 from imgstorage.runner import Runner
 from imgstorage.transfer import SSH_OPTIONS, pump, ssh_sink, ssh_source
 from tests.unit.replay import ReplayRunner, load_fixture
@@ -202,23 +203,39 @@ def test_the_token_contents_are_not_read_as_estimates():
     assert parse_send_size(text) == 4472952
 
 
-def test_resume_estimate_of_a_destroyed_snapshot_is_not_found():
+def test_resume_estimate_of_a_destroyed_snapshot_is_not_resumable():
     runner = ReplayRunner().expect(["zfs", "send", "-nP", "-t", TOKEN_GONE],
                                    "zfs/real_send_resume_gone.txt")
-    with pytest.raises(NotFoundError) as err:
+    with pytest.raises(NotResumableError) as err:
         cli(runner).send_resume_size("tank", SRC, TOKEN_GONE)
     assert str(err.value) == ("cannot resume send: 'tank/ksr-a@s3' used in the initial send "
                               "no longer exists")
+    assert err.value.code == "not_resumable"
 
 
-def test_resume_estimate_of_a_corrupt_token_is_a_command_error():
+def test_resume_estimate_of_a_corrupt_token_is_not_resumable():
     # zfs 2.1.11's words for a token that fails its checksum
     runner = ReplayRunner().expect(["zfs", "send", "-nP", "-t", "1-abc-12-789c"], returncode=255,
                                    stderr="cannot resume send: resume token is corrupt "
                                           "(incorrect checksum)\n")
-    with pytest.raises(CommandError, match="resume token is corrupt") as err:
+    with pytest.raises(NotResumableError) as err:
         cli(runner).send_resume_size("tank", SRC, "1-abc-12-789c")
-    assert not isinstance(err.value, NotFoundError)
+    assert str(err.value) == "cannot resume send: resume token is corrupt (incorrect checksum)"
+
+
+def test_resume_estimate_of_a_missing_pool_is_not_found():
+    runner = ReplayRunner().expect(["zfs", "send", "-nP", "-t", TOKEN_FULL], returncode=1,
+                                   stderr="cannot open 'nopool/v': dataset does not exist\n")
+    with pytest.raises(NotFoundError) as err:
+        cli(runner).send_resume_size("tank", SRC, TOKEN_FULL)
+    assert not isinstance(err.value, NotResumableError)
+
+
+def test_a_resumed_stream_refused_after_it_started_is_not_resumable():
+    rec = load_fixture("zfs/real_send_resume_gone.txt")
+    err = stream_error(["zfs", "send", "-t", TOKEN_GONE], rec.returncode, rec.stderr)
+    assert isinstance(err, NotResumableError) and isinstance(err, CommandError)
+    assert err.code == "not_resumable" and "no longer exists" in str(err)
 
 
 def test_resume_estimate_without_a_size_is_an_error():

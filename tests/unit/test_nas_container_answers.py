@@ -9,9 +9,12 @@ import time
 
 import pytest
 
-from imgstorage import naming
-from imgstorage.errors import ImgStorageError, RpcTimeout, StateError
+from imgstorage import naming, protocol
+from imgstorage.errors import (ImgStorageError, NotResumableError, RemoteError, RpcTimeout,
+                               StateError)
+from imgstorage.nas.jobs import Job
 from imgstorage.nas.states import RUNNING_FROM_COPY, State
+from imgstorage.nas.sync import BUSY_RETRY, not_resumable
 
 from .nas_stub import HOST, NAS, POOL, nas_service, success, put_row
 
@@ -186,3 +189,86 @@ def test_an_already_mapped_direct_zvol_whose_container_cannot_confirm_is_an_erro
     assert "\n" not in str(err.value)
     row = service.store.get("vol-e")
     assert (row.state, row.bdev) == ("mapped", "/dev/sdb")
+
+
+# ------------------------------------------- the container's kind of failure (its code)
+def refuse(text: str, code: str):
+    return lambda message: protocol.error(message["action"], text, code)
+
+
+def test_a_container_state_refusal_of_a_map_reaches_the_caller_as_a_state_error(nas):
+    service, containers = nas
+    containers.answers["initiator_name"] = success(initiator=INITIATOR)
+    containers.answers["map_zvol"] = refuse(f"{POOL}/vol-left already exists on {HOST}", "state")
+    with pytest.raises(RemoteError) as err:
+        service.map_zvol("vol-left", POOL, HOST, 1, POOL, True, 5)
+    assert err.value.code == "state"
+    assert str(err.value) == ("Error attaching iSCSI target to compute node: "
+                              f"{POOL}/vol-left already exists on {HOST}")
+    # it undid its own part: it is not asked to let go, and nothing stays here
+    assert containers.actions() == ["initiator_name", "map_zvol"]
+    assert service.store.get("vol-left").state == State.UNMAPPED.value
+    assert targets(service) == []
+
+
+def test_a_busy_container_fails_an_unmap_as_busy_and_changes_nothing(nas):
+    service, containers = nas
+    iqn = put(service, "vol-held", State.MAPPED, target=True)
+    containers.answers["unmap_zvol"] = refuse("vol-held is busy (map_zvol)", "busy")
+    with pytest.raises(RemoteError) as err:
+        service.unmap_zvol("vol-held", 5)
+    assert err.value.code == "busy"
+    assert "vol-held is busy" in str(err.value)
+    assert service.store.get("vol-held").state == State.MAPPED.value
+    assert targets(service) == [iqn]
+
+
+class NoStream:
+    """A transport that records what it was asked to move and moves nothing."""
+
+    def __init__(self) -> None:
+        self.uploads = []
+
+    def upload(self, row, open_source, job, rate) -> None:
+        self.uploads.append(row.zvol)
+
+
+def test_a_busy_container_is_asked_again_soon_without_counting_a_failure(nas):
+    service, containers = nas
+    put(service, "vol-copy", State.UPLOADING, target=True)
+    service.transport = NoStream()
+    containers.answers["recv_zvol"] = refuse("vol-copy is busy (unmap_zvol)", "busy")
+    before = time.time()
+    service.sync._upload(Job("vol-copy", "upload"))
+    row = service.store.get("vol-copy")
+    assert (row.state, row.failures or 0, row.last_error) == (State.UPLOADING.value, 0, None)
+    assert before < row.retry_at <= time.time() + BUSY_RETRY
+    # any other refusal counts and backs off
+    containers.answers["recv_zvol"] = refuse("vol-copy is detaching", "state")
+    service.sync._upload(Job("vol-copy", "upload"))
+    row = service.store.get("vol-copy")
+    assert row.failures == 1 and row.last_error == "NAS->VM copy: vol-copy is detaching"
+    assert service.transport.uploads == []
+
+
+def test_a_resume_token_zfs_refuses_starts_the_copy_over(nas):
+    service, containers = nas
+    put(service, "vol-token", State.UPLOADING, target=True)
+    service.transport = NoStream()
+    containers.answers["recv_zvol"] = success(state="snapshot", resume_token="1-abc-12-789c",
+                                              snapshots=[])
+    containers.answers["sync_zvol"] = success(merging=True)
+    service.sync._upload(Job("vol-token", "upload"))
+    assert containers.actions() == ["recv_zvol", "recv_zvol", "sync_zvol"]
+    assert containers.requests[1][1] == {"action": "recv_zvol", "zvol": "vol-token",
+                                         "restart": True}
+    assert service.transport.uploads == ["vol-token"]
+    assert service.store.get("vol-token").state == State.MERGING.value
+
+
+def test_not_resumable_is_known_by_its_code_not_its_words():
+    assert not_resumable(NotResumableError("cannot resume send: resume token is corrupt"))
+    assert not_resumable(RemoteError(HOST, "send_zvol", "the snapshot went away",
+                                     "not_resumable"))
+    assert not not_resumable(RemoteError(HOST, "send_zvol", "cannot resume send: x", "driver"))
+    assert not not_resumable(ValueError("cannot resume send"))

@@ -24,7 +24,7 @@ import pytest
 
 from imgstorage.drivers.base import HOLD_TAG
 from imgstorage.drivers.sim import blockdev, sendrecv, snapshots, stream, zfs
-from imgstorage.errors import DriverError, ValidationError
+from imgstorage.errors import DriverError, NotResumableError, ValidationError
 
 from .test_sim_streams import data_blocks
 
@@ -276,7 +276,7 @@ def test_the_token_says_what_to_resume_and_nothing_else_passes(world):
                 sendrecv.ResumePoint("s2", 1, None, 0, SIZE, BLOCK, NBLOCKS + 1).token(),
                 sendrecv.ResumePoint("s2", 1, "s1", 0, SIZE, BLOCK, 0).token()]:
         for call in (nas.send_resume, nas.send_resume_size):
-            with pytest.raises(DriverError, match=r"^cannot resume send: resume token is corrupt$"):
+            with pytest.raises(NotResumableError, match=r"^cannot resume send: resume token is corrupt$"):
                 call("tank", "v", bad)
     assert vm.resume_token("data", "v") == token                 # none of that touched it
 
@@ -619,23 +619,23 @@ def test_the_sender_needs_the_very_snapshots_of_the_initial_send(world):
     assert layout(rest)[1] == layout(expected)[1]
     assert mirror.send_resume_size("other", "v", token) == len(rest)
     for call in (nas.send_resume, nas.send_resume_size):
-        with pytest.raises(DriverError, match=r"^cannot resume send: 'tank/w@s2' used in the "
+        with pytest.raises(NotResumableError, match=r"^cannot resume send: 'tank/w@s2' used in the "
                                               r"initial send no longer exists$"):
             call("tank", "w", token)
-        with pytest.raises(DriverError, match=r"^cannot resume send: 'nopool/v@s2' used in the "
+        with pytest.raises(NotResumableError, match=r"^cannot resume send: 'nopool/v@s2' used in the "
                                               r"initial send no longer exists$"):
             call("nopool", "v", token)
     nas.destroy_snapshot("tank", "v", "s1")
-    with pytest.raises(DriverError, match=r"^cannot resume send: 'tank/v@s1' used in the "
+    with pytest.raises(NotResumableError, match=r"^cannot resume send: 'tank/v@s1' used in the "
                                           r"initial send no longer exists$"):
         nas.send_resume_size("tank", "v", token)
     nas.destroy_snapshot("tank", "v", "s2")
-    with pytest.raises(DriverError, match=r"^cannot resume send: 'tank/v@s2' used in the "
+    with pytest.raises(NotResumableError, match=r"^cannot resume send: 'tank/v@s2' used in the "
                                           r"initial send no longer exists$"):
         nas.send_resume("tank", "v", token)
     nas.snapshot("tank", "v", "s1")
     nas.snapshot("tank", "v", "s2")
-    with pytest.raises(DriverError, match=r"^cannot resume send: 'tank/v@s2' is no longer the "
+    with pytest.raises(NotResumableError, match=r"^cannot resume send: 'tank/v@s2' is no longer the "
                                           r"same snapshot used in the initial send$"):
         nas.send_resume("tank", "v", token)
     # the mirror finishes the receive for the nas

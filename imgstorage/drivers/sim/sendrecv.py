@@ -70,7 +70,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from ...errors import DriverError, ValidationError
+from ...errors import DriverError, NotResumableError, ValidationError
 from . import state, stream
 from .snapshots import (DATA, META, SNAPSHOTS, VOLBLOCKSIZE, NoSuchVolume, Volume,
                         snapshot_name)
@@ -217,7 +217,7 @@ class ResumePoint:
 
     @classmethod
     def from_token(cls, token: Any) -> "ResumePoint":
-        corrupt = DriverError("cannot resume send: resume token is corrupt")
+        corrupt = NotResumableError("cannot resume send: resume token is corrupt")
         if not isinstance(token, str) or not _TOKEN.match(token):
             raise corrupt
         parts = token.split("-", 2)
@@ -358,9 +358,9 @@ def resume_plan(volume: Volume, token: str) -> Plan:
     """
     point = ResumePoint.from_token(token)
 
-    def gone(name: str) -> DriverError:
-        return DriverError(f"cannot resume send: '{volume.label}@{name}' used in the initial "
-                           "send no longer exists")
+    def gone(name: str) -> NotResumableError:
+        return NotResumableError(f"cannot resume send: '{volume.label}@{name}' used in the "
+                                 "initial send no longer exists")
 
     try:
         with volume.lock():
@@ -371,11 +371,11 @@ def resume_plan(volume: Volume, token: str) -> Plan:
                 if name not in snaps:
                     raise gone(name)
                 if snaps[name].guid != guid:
-                    raise DriverError(f"cannot resume send: '{volume.label}@{name}' is no longer "
-                                      "the same snapshot used in the initial send")
+                    raise NotResumableError(f"cannot resume send: '{volume.label}@{name}' is no "
+                                            "longer the same snapshot used in the initial send")
             if volume.geometry() != (point.volsize, point.volblocksize):
-                raise DriverError(f"cannot resume send: '{volume.label}' has changed size since "
-                                  "the initial send")
+                raise NotResumableError(f"cannot resume send: '{volume.label}' has changed size "
+                                        "since the initial send")
             plan = make_plan(volume, point.name, point.base)
     except NoSuchVolume:
         raise gone(point.name) from None
