@@ -44,15 +44,6 @@ class NasService:
         self.sync = SyncManager(self, config.img_sync_workers)
         self.transport = make_transport(config, self)
 
-    def remote(self, host: str, message: Dict, timeout: Optional[float] = None) -> Dict:
-        """Ask a container something; an error reply raises RemoteError with its code.
-
-        Only the stream transports still send a message of their own; everything
-        else asks through ``container``.
-        """
-        with self.rpc_factory() as rpc:
-            return rpc.request(host, message, timeout or self.config.timeout)
-
     def container(self, host: str, rpc=None) -> VmClient:
         """``host``'s daemon; a connection per request unless ``rpc`` is one to share."""
         return VmClient(rpc if rpc is not None else PerRequest(self.rpc_factory), host,

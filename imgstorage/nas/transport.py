@@ -51,14 +51,14 @@ def _move(job, rate: Optional[int], open_source, open_sink) -> None:
     pump(source, sink, rate_limit=rate, progress=job.progress, cancel=job.cancel)
 
 
-def _send_request(row, request: Dict) -> Dict:
+def _send(service, row, request: Dict, stream: bool) -> Dict:
     """``send_zvol`` for a new snapshot (``snap``, ``base``) or a resume (``resume_token``)."""
-    message = {"action": "send_zvol", "zvol": row.zvol}
+    container = service.container(row.remotehost)
     if "resume_token" in request:
-        message["resume_token"] = request["resume_token"]
-    else:
-        message.update(snap=request["snap"], base=request.get("base"))
-    return message
+        return container.send_zvol(row.zvol, resume_token=request["resume_token"],
+                                   stream=stream)
+    return container.send_zvol(row.zvol, snap=request["snap"], base=request.get("base"),
+                               stream=stream)
 
 
 def _stream_size(reply: Dict) -> Optional[int]:
@@ -87,13 +87,12 @@ class TcpTransport:
         self.svc = service
 
     def upload(self, row, open_source: Callable[[], ByteSource], job, rate: Optional[int]) -> None:
-        reply = self.svc.remote(row.remotehost, {"action": "recv_zvol", "zvol": row.zvol,
-                                                 "stream": True})
+        reply = self.svc.container(row.remotehost).recv_zvol(row.zvol, stream=True)
         address, port, token = _endpoint(reply)
         _move(job, rate, open_source, lambda: SocketSink.connect(address, port, token))
 
     def pull(self, row, request: Dict, job, rate: Optional[int]) -> Optional[int]:
-        reply = self.svc.remote(row.remotehost, dict(_send_request(row, request), stream=True))
+        reply = _send(self.svc, row, request, stream=True)
         size = _stream_size(reply)
         job.progress.total = size
         address, port, token = _endpoint(reply)
@@ -116,7 +115,7 @@ class SshTransport:
                                row.remotepool, row.zvol, resumable=True))
 
     def pull(self, row, request: Dict, job, rate: Optional[int]) -> Optional[int]:
-        reply = self.svc.remote(row.remotehost, _send_request(row, request))
+        reply = _send(self.svc, row, request, stream=False)
         size = _stream_size(reply)
         job.progress.total = size
         host = self._host(row.remotehost)

@@ -262,8 +262,6 @@ ALLOWED = {
     "imgstorage/nas/client.py", "imgstorage/vm/client.py",
     "imgstorage/messaging.py", "imgstorage/protocol.py",
     "imgstorage/nas/handlers.py", "imgstorage/vm/handlers.py",
-    # the two requests that open a stream stay here until the stream token changes land
-    "imgstorage/nas/transport.py",
 }
 HAND_WRITTEN = re.compile(r"""["']action["']\s*:\s*["']|\bdict\(\s*action\s*=""")
 
