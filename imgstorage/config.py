@@ -30,7 +30,7 @@ KNOWN_KEYS = {
     "name", "broker_url", "exchange", "db", "frontend_db", "backend", "sim_root",
     "network", "default_pool", "img_sync_workers", "transport", "log_file",
     "admin_users", "chap", "timeout", "target", "stream_address", "stream_bind", "ssh_user",
-    "pool_wait", "nas_users", "max_streams", "max_request_time",
+    "pool_wait", "nas_users", "max_streams", "max_request_time", "broker_node",
 }
 
 
@@ -62,6 +62,7 @@ class Config:
     nas_users: Optional[List[str]] = None  # broker users of the NASes that may use a container
     max_streams: int = 16                  # stream endpoints a node keeps open at once
     max_request_time: float = 3600.0       # the longest any request may hold a lock or worker
+    broker_node: Optional[str] = None      # the RabbitMQ node rabbitmqctl talks to (frontend)
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def require(self, *keys: str) -> None:
@@ -204,6 +205,11 @@ def _check(path: str, key: str, value: Any) -> Any:
         if key in ("admin_users", "nas_users"):
             if not isinstance(value, list) or not all(isinstance(u, str) and u for u in value):
                 raise ValidationError("expected a list of broker user names")
+            return value
+        if key == "broker_node":
+            if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+(@[A-Za-z0-9_.-]+)?",
+                                                              value):
+                raise ValidationError("expected a RabbitMQ node name such as rabbit@frontend")
             return value
         if key == "max_streams":
             n = naming.non_negative_int(key, value, allow_none=False, minimum=1)

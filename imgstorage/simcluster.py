@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote
 
 from .config import from_dict
 from .errors import ImgStorageError
@@ -51,56 +51,15 @@ def broker_url(vhost: str, user: str = "guest", password: str = "guest",
     return f"amqp://{user}:{password}@{host}:{port}/{quote(vhost, safe='')}"
 
 
-def with_credentials(broker: str, user: str, password: str) -> str:
-    """``broker`` (one URL or a comma-separated cluster list) as ``user``."""
-    urls = []
-    for url in broker.split(","):
-        parts = urlsplit(url.strip())
-        host = parts.netloc.rsplit("@", 1)[-1]
-        urls.append(urlunsplit(parts._replace(
-            netloc=f"{quote(user, safe='')}:{quote(password, safe='')}@{host}")))
-    return ",".join(urls)
-
-
-def node_password(node: str) -> str:
-    """A simulated node's broker password.
-
-    Broker users are broker-wide while each test cluster has its own virtual
-    host, so clusters running at once share the users named after their
-    nodes: the same password for the same node lets them.
-    """
-    return f"sim-{node}-secret"
-
-
-def node_users(vhost: str, nodes: Sequence[str], runner: Optional[Runner] = None) -> None:
-    """One broker user per node, named after it, allowed everything in ``vhost``.
-
-    Left in place afterwards: another cluster may use the same node's user, and
-    with its virtual host deleted a user may do nothing.
-    """
-    runner = runner or Runner()
-    for node in nodes:
-        password = node_password(node)
-        runner.run(["rabbitmqctl", "-q", "add_user", node, password], check=False)
-        runner.run(["rabbitmqctl", "-q", "change_password", node, password])
-        runner.run(["rabbitmqctl", "-q", "set_permissions", "-p", vhost, node,
-                    ".*", ".*", ".*"])
-
-
 class SimCluster:
     """Nodes of one simulated cluster: configs, processes, and the operator's shell."""
 
     def __init__(self, workdir: Path, broker: str, nas: Sequence[str] = ("nas-0-0",),
                  containers: Sequence[str] = ("vm-container-0-14", "compute-0-3"),
                  pool: str = "tank", node_settings: Optional[Dict[str, dict]] = None,
-                 node_env: Optional[Dict[str, Dict[str, str]]] = None, debug: bool = True,
-                 strict: bool = False):
-        """``strict``: every node connects as its own broker user (``node_users``) and
-        checks its callers; the frontend's user (``broker``'s) is the administrator."""
+                 node_env: Optional[Dict[str, Dict[str, str]]] = None, debug: bool = True):
         self.workdir = Path(workdir)
         self.broker = broker
-        self.strict = strict
-        self.admin = urlsplit(broker.split(",")[0].strip()).username or "guest"
         self.nas = list(nas)
         self.containers = list(containers)
         self.pool = pool
@@ -132,12 +91,6 @@ class SimCluster:
                "log_file": str(self.log_path(node)), "img_sync_workers": 4,
                "stream_address": "127.0.0.1", "stream_bind": "127.0.0.1",
                "default_pool": self.pool}
-        if self.strict:
-            cfg["admin_users"] = [self.admin]
-            if node != "frontend":
-                cfg["broker_url"] = with_credentials(self.broker, node, node_password(node))
-            if node in self.containers:
-                cfg["nas_users"] = list(self.nas)
         cfg.update(self.node_settings.get(node, {}))
         from_dict(cfg)  # a typo in a test's settings should fail here, loudly
         path = self.config_path(node)
@@ -147,6 +100,31 @@ class SimCluster:
         with os.fdopen(fd, "w") as out:
             out.write(json.dumps(cfg, indent=2) + "\n")
         return path
+
+    def sync_identities(self, nodes: Optional[Sequence[str]] = None) -> None:
+        """Give each node its own broker user, as the README tells an operator to.
+
+        ``rocks sync host imgstorage`` makes the users, permissions and queues;
+        each node's broker URL, ``admin_users`` and ``nas_users`` then come from
+        ``rocks report host imgstorage``, the simulated kernel's settings stay.
+        The nodes must be registered on the frontend, and started afterwards.
+        """
+        nodes = list(nodes) if nodes else self.nas + self.containers
+        proc = self.rocks("sync", "host", "imgstorage", *nodes)
+        if proc.returncode != 0:
+            raise ImgStorageError("rocks sync host imgstorage failed: "
+                                  + proc.stderr.decode(errors="replace").strip())
+        for node in nodes:
+            proc = self.rocks("report", "host", "imgstorage", node)
+            if proc.returncode != 0:
+                raise ImgStorageError(f"rocks report host imgstorage {node} failed: "
+                                      + proc.stderr.decode(errors="replace").strip())
+            report = json.loads(proc.stdout)
+            settings = self.node_settings.setdefault(node, {})
+            for key in ("broker_url", "admin_users", "nas_users"):
+                if key in report:
+                    settings[key] = report[key]
+            self.write_config(node)
 
     def env(self, node: str = "frontend") -> Dict[str, str]:
         env = dict(os.environ)

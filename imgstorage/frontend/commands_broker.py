@@ -31,7 +31,7 @@ _NODE_PARAM = Param("node", "NAME", "the RabbitMQ node rabbitmqctl talks to, e.g
 def broker_admin(inv: Invocation) -> BrokerAdmin:
     """rabbitmqctl for the vhost of the frontend's (the administrator's) broker_url."""
     node = inv.param("node") if "node" in inv.spec.keys else None
-    node = node or inv.config.extra.get("broker_node") or None
+    node = node or inv.config.broker_node
     if node is not None and (not isinstance(node, str) or not node.strip()
                              or node.startswith("-") or any(c.isspace() for c in node)):
         raise ValidationError(f"invalid broker node {node!r}: expected a name such as "
