@@ -209,7 +209,8 @@ class Daemon:
         log.debug("%s %s from %s answered %s in %.3fs", env.action, _subject(env), env.user_id,
                   (reply or {}).get("status", "nothing"), time.time() - env.received)
         try:
-            for each in [responder] + waiters:
+            # the newest copy first: an older one's caller may have lost its broker
+            for each in waiters[::-1] + [responder]:
                 try:
                     if reply is not None:
                         each.reply(reply)

@@ -243,7 +243,7 @@ class RpcClient:
                     return wait(message_id, started + limit)
                 except _ConnectionLost as exc:
                     self.close()
-                    log.warning("%s; sending %s %s again through another broker", exc,
+                    log.info("%s; sending %s %s again through the broker that answers", exc,
                                 message.get("action"), message_id)
         finally:
             self._asked.pop(message_id, None)
@@ -400,6 +400,8 @@ class Consumer:
         self._generation = 0
         self.connected = threading.Event()
         self.broker: Optional[str] = None      # host:port of the broker consumed from
+        self._reply_conn: Optional[pika.BlockingConnection] = None
+        self._reply_ch = None
 
     # -- called from any thread -------------------------------------------
     def _threadsafe(self, generation: int, fn: Callable[[], None]) -> None:
@@ -429,11 +431,39 @@ class Consumer:
                           protocol.MAX_REPLY)
                 body = protocol.encode(protocol.oversized(message, len(body)))
             try:
-                self._channel.basic_publish(exchange="", routing_key=reply_to,
-                                            body=body, properties=props)
-            except pika.exceptions.AMQPError as exc:
-                log.warning("could not send reply to %s: %r", reply_to, exc)
+                self._reply_channel().basic_publish(exchange="", routing_key=reply_to,
+                                                    body=body, properties=props)
+            except (MessagingError, pika.exceptions.AMQPError) as exc:
+                self._close_replies()
+                log.warning("could not send a reply to %s (its caller is gone?): %s",
+                            reply_to, exc if isinstance(exc, MessagingError) else _amqp_reason(exc))
         self._threadsafe(generation, send)
+
+    def _reply_channel(self):
+        """The channel replies go out on: a connection of their own, with confirms.
+
+        A reply addressed to a caller whose broker node died makes the broker
+        close the connection it was published on; on the consuming connection
+        that would drop every unacknowledged request and, redelivered, they
+        would be answered to the same dead address again.  Confirms tell at
+        once which reply broke its connection, so the next one gets a new one.
+        """
+        if self._reply_conn is None or not self._reply_conn.is_open \
+                or self._reply_ch is None or not self._reply_ch.is_open:
+            self._close_replies()
+            self._reply_conn, _label = connect_any(self.config)
+            self._reply_ch = self._reply_conn.channel()
+            self._reply_ch.confirm_delivery()
+        return self._reply_ch
+
+    def _close_replies(self) -> None:
+        conn, self._reply_conn, self._reply_ch = self._reply_conn, None, None
+        if conn is not None:
+            try:
+                if conn.is_open:
+                    conn.close()
+            except Exception:  # closing a dead connection must never mask the real error
+                pass
 
     def ack(self, generation: int, tag: int) -> None:
         def send() -> None:
@@ -543,7 +573,10 @@ class Consumer:
                 self.on_connected()
             try:
                 while not self._stop.is_set():
+                    if not self._conn.is_open:   # closed by the broker inside a callback
+                        raise pika.exceptions.ConnectionClosed(320, "connection closed")
                     self._conn.process_data_events(time_limit=0.5)
+                    self._service_replies()
                 self._drain()
             except pika.exceptions.AMQPError as exc:
                 log.warning("lost the message broker (%s); reconnecting", type(exc).__name__)
@@ -556,11 +589,21 @@ class Consumer:
         """Stop taking messages, but keep the connection while work in flight replies."""
         self._channel.basic_cancel(self._consumer_tag)
         deadline = time.monotonic() + limit
-        while self.busy() and time.monotonic() < deadline:
+        while self.busy() and time.monotonic() < deadline and self._conn.is_open:
             self._conn.process_data_events(time_limit=0.2)
+            self._service_replies()
         self._conn.process_data_events(time_limit=0)
 
+    def _service_replies(self) -> None:
+        """Heartbeats and a broker's close of the reply connection, between messages."""
+        if self._reply_conn is not None:
+            try:
+                self._reply_conn.process_data_events(time_limit=0)
+            except pika.exceptions.AMQPError:
+                self._close_replies()
+
     def _close(self) -> None:
+        self._close_replies()
         conn, self._conn, self._channel = self._conn, None, None
         if conn is not None:
             try:
