@@ -12,10 +12,18 @@ the daemon before it runs.  The receiver takes the earlier of the two deadlines,
 so a receiver whose clock runs behind the caller's never works past the point
 where the caller stopped listening.
 
-Daemons consume a durable queue named after the node.  The message callback
-only hands the message to the daemon's dispatcher; replies and acks made from
+Daemons consume a durable queue named after the node (a quorum queue on a
+broker cluster, declared by the administrator).  The message callback only
+hands the message to the daemon's dispatcher; replies and acks made from
 worker threads are marshalled back onto the connection's thread.  The consumer
-reconnects with backoff when the broker goes away.
+reconnects with backoff, to whichever broker of ``broker_url`` answers, when
+its broker goes away.
+
+Trust: the broker validates each message's ``user_id`` against the
+connection's user.  A caller takes a reply only from the node it asked (or its
+own user); a daemon answers only direct reply-to addresses and never executes
+a message that is a reply (``correlation_id`` or the reply header), so a
+request cannot make one node act on another's answer.
 """
 from __future__ import annotations
 
