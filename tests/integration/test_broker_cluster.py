@@ -136,7 +136,7 @@ def test_a_broker_node_dies_while_requests_are_in_flight(quorum_cluster):
     names = [name for name, *_ in cli_runs] + churn.names
     for name in names:
         for action in ("map_zvol", "unmap_zvol"):
-            runs = re.findall(rf"{action} of {name} from \S+ answered", nas_log)
+            runs = re.findall(rf": {action} of {name} from \S+ answered", nas_log)
             assert len(runs) <= 1, (action, name, runs)
     # what was answered happened
     rows = wait_until("every zvol settled", lambda: (lambda m: m if all(
