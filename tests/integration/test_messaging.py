@@ -161,3 +161,56 @@ def test_every_reply_carries_the_answering_nodes_user_and_the_reply_mark(rpc, da
         assert got[0].headers == {"x-imgstorage-reply": 1}
     finally:
         conn.close()
+
+
+@pytest.fixture
+def node_user(daemons, vhost):
+    """A broker user with a node's rights: configure nothing, write the exchange, read its queue."""
+    import subprocess
+    import uuid
+    name, password = f"lonely-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    subprocess.run(["rabbitmqctl", "-q", "add_user", name, password], check=True,
+                   capture_output=True)
+    subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", vhost, name, "^$",
+                    "^(rocks\\.vm-manage|amq\\.default)$", f"^{name}$"], check=True,
+                   capture_output=True)
+    yield name, password
+    subprocess.run(["rabbitmqctl", "-q", "delete_user", name], capture_output=True)
+
+
+def test_a_node_that_may_not_create_its_missing_queue_says_what_to_run(rpc, node_user, caplog):
+    import threading
+
+    from imgstorage.config import from_dict
+    from imgstorage.messaging import Consumer, RpcClient, declare_node_queues
+    name, password = node_user
+    url = rpc.config.broker_url.replace("guest:guest", f"{name}:{password}")
+    received = []
+
+    def dispatch(env, responder, err):
+        received.append(env.action)
+        responder.done()
+    consumer = Consumer(from_dict({"name": name, "broker_url": url}), dispatch)
+    thread = threading.Thread(target=consumer.run_forever, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        wanted = (f"queue {name} does not exist on the message broker at 127.0.0.1:5672 and this "
+                  f"user may not create it: run `rocks sync host imgstorage {name}` on the frontend")
+        while wanted not in caplog.text:
+            assert time.monotonic() < deadline, caplog.text
+            time.sleep(0.1)
+        assert not consumer.connected.is_set()
+        # once the administrator declared it, the node consumes it without declaring anything
+        declare_node_queues(rpc.config, [name])
+        assert consumer.connected.wait(30)
+        # and a caller with the same narrow rights sends without declaring the exchange
+        with RpcClient(from_dict({"name": name, "broker_url": url})) as own:
+            own.notify(name, {"action": "ping"}, timeout=10)
+        while not received:
+            assert time.monotonic() < deadline + 40, "the node never received its request"
+            time.sleep(0.1)
+        assert received == ["ping"]
+    finally:
+        consumer.stop()
+        thread.join(30)

@@ -178,3 +178,24 @@ def test_a_copy_of_a_running_request_gets_its_answer_when_it_finishes():
     for r in (first, copy, late):
         assert r.replies == [{"action": "zvol_mapped", "status": "success"}]
         assert r.done_calls == 1
+
+
+# ----------------------------------------------------------------- several brokers
+def test_when_no_broker_answers_the_error_names_them_all_in_one_line():
+    from imgstorage.errors import BrokerUnavailable
+    from imgstorage.messaging import connect_any
+    cfg = from_dict({"name": "nas-0-0", "broker_url": "amqp://u:p@127.0.0.1:1/%2F,"
+                                                      "amqp://u:p@127.0.0.1:2/%2F"})
+    with pytest.raises(BrokerUnavailable) as err:
+        connect_any(cfg)
+    text = str(err.value)
+    assert text.startswith("cannot reach any message broker of the cluster: 127.0.0.1:1 ")
+    assert "; 127.0.0.1:2 unreachable" in text and "\n" not in text
+
+
+def test_one_unreachable_broker_keeps_its_short_message():
+    from imgstorage.errors import BrokerUnavailable
+    from imgstorage.messaging import connect_any
+    cfg = from_dict({"name": "nas-0-0", "broker_url": "amqp://u:p@127.0.0.1:1/%2F"})
+    with pytest.raises(BrokerUnavailable, match=r"^cannot reach the message broker at 127\.0\.0\.1:1"):
+        connect_any(cfg)
