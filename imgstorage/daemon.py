@@ -15,7 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 from . import protocol
 from .config import Config
@@ -48,34 +48,71 @@ def setup_logging(config: Config, debug: bool = False, stream=None) -> None:
 class SeenMessages:
     """Recent message ids, so a request delivered twice runs once.
 
-    A broker redelivers what a lost connection left unacknowledged; the
-    second copy gets the first one's answer (or nothing, while the first is
-    still running) instead of doing the work again.
+    A broker redelivers what a lost connection left unacknowledged, and a
+    caller whose broker died sends its request again with the same id; the
+    second copy gets the first one's answer instead of doing the work again
+    (while the first still runs, its responder waits for that answer).  What
+    is remembered is bounded in entries and in bytes (a reply's encoded size
+    plus its id), oldest forgotten first, so large listings cannot make a
+    node keep unbounded memory.
     """
 
     RUNNING = object()
 
-    def __init__(self, size: int = 4096):
+    def __init__(self, size: int = 4096, max_bytes: int = 16 * 1024 * 1024):
         self.size = size
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self._lock = threading.Lock()
-        self._ids: "OrderedDict[str, object]" = OrderedDict()
+        self._ids: "OrderedDict[str, _Seen]" = OrderedDict()
 
-    def check(self, message_id: Optional[str]):
-        """None for a new id (now marked running), else RUNNING or the earlier reply."""
+    def check(self, message_id: Optional[str], waiter: Optional[Responder] = None):
+        """None for a new id (now marked running), else RUNNING or the earlier reply.
+
+        ``waiter`` is kept for a request still running, and handed back by
+        finish() so that it gets the answer too.
+        """
         if not message_id:
             return None
         with self._lock:
-            if message_id in self._ids:
-                return self._ids[message_id]
-            self._ids[message_id] = self.RUNNING
-            while len(self._ids) > self.size:
-                self._ids.popitem(last=False)
+            seen = self._ids.get(message_id)
+            if seen is not None:
+                if seen.running:
+                    if waiter is not None:
+                        seen.waiters.append(waiter)
+                    return self.RUNNING
+                return seen.reply
+            self._remember(message_id, _Seen(cost=len(message_id)))
         return None
 
-    def finish(self, message_id: Optional[str], reply: Optional[dict]) -> None:
-        if message_id:
-            with self._lock:
-                self._ids[message_id] = reply
+    def finish(self, message_id: Optional[str], reply: Optional[dict]) -> List[Responder]:
+        """Record the answer; returns the responders of copies that arrived meanwhile."""
+        if not message_id:
+            return []
+        with self._lock:
+            seen = self._ids.pop(message_id, None)
+            if seen is not None:
+                self.bytes -= seen.cost
+            cost = len(message_id) + (protocol.encoded_size(reply) if reply is not None else 0)
+            self._remember(message_id, _Seen(cost=cost, running=False, reply=reply))
+            return seen.waiters if seen is not None else []
+
+    def _remember(self, message_id: str, seen: "_Seen") -> None:
+        self._ids[message_id] = seen
+        self.bytes += seen.cost
+        while self._ids and (len(self._ids) > self.size or self.bytes > self.max_bytes):
+            _id, old = self._ids.popitem(last=False)
+            self.bytes -= old.cost
+
+
+class _Seen:
+    __slots__ = ("cost", "running", "reply", "waiters")
+
+    def __init__(self, cost: int, running: bool = True, reply: Optional[dict] = None):
+        self.cost = cost
+        self.running = running
+        self.reply = reply
+        self.waiters: List[Responder] = []
 
 
 class Daemon:
@@ -141,16 +178,16 @@ class Daemon:
             responder.reply(protocol.error(env.action, refusal, ForbiddenError.code))
             responder.done()
             return
-        earlier = self.seen.check(env.message_id)
+        earlier = self.seen.check(env.message_id, waiter=responder)
         if earlier is not None:
             if earlier is not SeenMessages.RUNNING:
                 log.info("%s %s was already answered; sending the same answer again",
                          env.action, env.message_id)
                 responder.reply(earlier)
-            else:
-                log.info("%s %s is already being handled; not running it twice",
-                         env.action, env.message_id)
-            responder.done()
+                responder.done()
+            else:   # answered (and acknowledged) when the first copy finishes
+                log.info("%s %s is already being handled; not running it twice, its answer "
+                         "will go to this copy too", env.action, env.message_id)
             return
         pool = self.quick_pool if env.action in self.quick_actions else self.work_pool
         with self._inflight_lock:
@@ -168,14 +205,18 @@ class Daemon:
             log.exception("%s %s: unexpected error", env.action, _subject(env))
             reply = protocol.error(env.action, f"internal error in {env.action}: {exc}",
                                    INTERNAL)
-        self.seen.finish(env.message_id, reply)
+        waiters = self.seen.finish(env.message_id, reply)
         log.debug("%s %s from %s answered %s in %.3fs", env.action, _subject(env), env.user_id,
                   (reply or {}).get("status", "nothing"), time.time() - env.received)
         try:
-            if reply is not None:
-                responder.reply(reply)
+            # the newest copy first: an older one's caller may have lost its broker
+            for each in waiters[::-1] + [responder]:
+                try:
+                    if reply is not None:
+                        each.reply(reply)
+                finally:
+                    each.done()
         finally:
-            responder.done()
             with self._inflight_lock:
                 self._inflight -= 1
 

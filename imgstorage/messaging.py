@@ -12,10 +12,18 @@ the daemon before it runs.  The receiver takes the earlier of the two deadlines,
 so a receiver whose clock runs behind the caller's never works past the point
 where the caller stopped listening.
 
-Daemons consume a durable queue named after the node.  The message callback
-only hands the message to the daemon's dispatcher; replies and acks made from
+Daemons consume a durable queue named after the node (a quorum queue on a
+broker cluster, declared by the administrator).  The message callback only
+hands the message to the daemon's dispatcher; replies and acks made from
 worker threads are marshalled back onto the connection's thread.  The consumer
-reconnects with backoff when the broker goes away.
+reconnects with backoff, to whichever broker of ``broker_url`` answers, when
+its broker goes away.
+
+Trust: the broker validates each message's ``user_id`` against the
+connection's user.  A caller takes a reply only from the node it asked (or its
+own user); a daemon answers only direct reply-to addresses and never executes
+a message that is a reply (``correlation_id`` or the reply header), so a
+request cannot make one node act on another's answer.
 """
 from __future__ import annotations
 
@@ -24,7 +32,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import pika
 import pika.exceptions
@@ -42,8 +50,12 @@ CONTENT_TYPE = "application/json"
 APP_ID = "imgstorage"
 
 
-def connection_parameters(config: Config, *, heartbeat: int = 60) -> pika.URLParameters:
-    params = pika.URLParameters(config.broker_urls[0])
+REPLY_HEADER = "x-imgstorage-reply"   # set on every reply, so none can pass for a request
+
+
+def connection_parameters(config: Config, *, heartbeat: int = 60,
+                          url: Optional[str] = None) -> pika.URLParameters:
+    params = pika.URLParameters(url or config.broker_urls[0])
     params.connection_attempts = 1
     params.socket_timeout = 10
     params.blocked_connection_timeout = 30
@@ -52,41 +64,102 @@ def connection_parameters(config: Config, *, heartbeat: int = 60) -> pika.URLPar
     return params
 
 
-def _broker_label(config: Config) -> str:
-    params = pika.URLParameters(config.broker_urls[0])
+def broker_label(url: str) -> str:
+    """host:port of one broker, for messages (never its credentials)."""
+    params = pika.URLParameters(url)
     return f"{params.host}:{params.port}"
 
 
+def _why_not(config: Config, url: str, exc: BaseException) -> str:
+    if isinstance(exc, pika.exceptions.ProbableAuthenticationError):
+        return f"refused the credentials of user '{config.broker_user}'"
+    if isinstance(exc, pika.exceptions.ProbableAccessDeniedError):
+        return f"denied access to the virtual host of {url.rsplit('/', 1)[-1]!r}"
+    if isinstance(exc, OSError):
+        return f"unreachable: {exc.strerror or exc}"
+    return f"unreachable ({type(exc).__name__})"
+
+
+def connect_any(config: Config) -> Tuple[pika.BlockingConnection, str]:
+    """The first broker of ``config.broker_urls`` that answers, and its host:port.
+
+    The brokers of a cluster are tried in their configured order, so every
+    node prefers the same one and falls back to the next when it is gone.
+    """
+    urls = config.broker_urls
+    failures = []
+    for url in urls:
+        try:
+            return pika.BlockingConnection(connection_parameters(config, url=url)), broker_label(url)
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            failures.append((url, exc))
+    if len(failures) == 1:
+        url, exc = failures[0]
+        why = _why_not(config, url, exc)
+        if why.startswith("unreachable"):
+            detail = why[len("unreachable"):]
+            raise BrokerUnavailable(f"cannot reach the message broker at {broker_label(url)}"
+                                    f"{detail}") from None
+        raise BrokerUnavailable(f"the message broker at {broker_label(url)} {why}") from None
+    raise BrokerUnavailable("cannot reach any message broker of the cluster: " + "; ".join(
+        f"{broker_label(url)} {_why_not(config, url, exc)}" for url, exc in failures)) from None
+
+
 def connect(config: Config) -> pika.BlockingConnection:
-    try:
-        return pika.BlockingConnection(connection_parameters(config))
-    except pika.exceptions.ProbableAuthenticationError:
-        raise BrokerUnavailable(f"the message broker at {_broker_label(config)} refused the "
-                                f"credentials of user '{config.broker_user}'") from None
-    except pika.exceptions.ProbableAccessDeniedError:
-        raise BrokerUnavailable(f"the message broker at {_broker_label(config)} denied access "
-                                f"to the virtual host of {config.broker_urls[0].rsplit('/', 1)[-1]!r}") from None
-    except pika.exceptions.AMQPError as exc:
-        raise BrokerUnavailable(f"cannot reach the message broker at {_broker_label(config)}"
-                                f" ({type(exc).__name__})") from None
-    except OSError as exc:
-        raise BrokerUnavailable(f"cannot reach the message broker at {_broker_label(config)}: "
-                                f"{exc.strerror or exc}") from None
+    return connect_any(config)[0]
 
 
 def declare_exchange(channel, exchange: str) -> None:
     channel.exchange_declare(exchange=exchange, exchange_type="direct", durable=True)
 
 
+def ensure_exchange(conn: pika.BlockingConnection, exchange: str) -> None:
+    """Declare the exchange only when it is missing.
+
+    A node user has no right to declare anything (the administrator declared
+    the exchange); a passive declare needs none.  A development setup with
+    broad rights and nothing set up still gets its exchange.
+    """
+    probe = conn.channel()
+    try:
+        probe.exchange_declare(exchange=exchange, passive=True)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code != 404:
+            raise
+        declare_exchange(conn.channel(), exchange)
+        return
+    probe.close()
+
+
+def is_reply(props) -> bool:
+    """Whether a message is a reply (it answers a request), which no daemon may execute."""
+    return bool(props.correlation_id) or bool((props.headers or {}).get(REPLY_HEADER))
+
+
 # ----------------------------------------------------------------- callers
+class _ConnectionLost(Exception):
+    """The broker connection broke under a call; the request may be sent again."""
+
+
 class RpcClient:
-    """Request/reply over one connection; not thread-safe (one per thread or call)."""
+    """Request/reply over one connection; not thread-safe (one per thread or call).
+
+    A reply is taken only from the node that was asked (the broker validates
+    ``user_id``) or from the caller's own broker user (a setup where every
+    node shares one user); anything else arriving on the reply pseudo-queue is
+    dropped.  When the connection breaks while a request is sent or awaited,
+    the request is sent again, with the same message id, through whichever
+    broker of the cluster answers: the node's duplicate detection makes it run
+    once, and the copy gets the answer.
+    """
 
     def __init__(self, config: Config):
         self.config = config
         self._conn: Optional[pika.BlockingConnection] = None
         self._channel = None
         self._replies: Dict[str, Dict[str, Any]] = {}
+        self._asked: Dict[str, str] = {}        # message id -> node it was sent to
+        self.broker: Optional[str] = None       # host:port of the broker in use
 
     def __enter__(self) -> "RpcClient":
         return self
@@ -99,35 +172,47 @@ class RpcClient:
                 and self._channel.is_open:
             return self._channel
         self.close()
-        self._conn = connect(self.config)
+        self._conn, self.broker = connect_any(self.config)
         try:
+            ensure_exchange(self._conn, self.config.exchange)
             ch = self._conn.channel()
             ch.confirm_delivery()
-            declare_exchange(ch, self.config.exchange)
             ch.basic_consume(queue=DIRECT_REPLY_TO, on_message_callback=self._on_reply,
                              auto_ack=True)
         except pika.exceptions.AMQPError as exc:
             self.close()
-            raise BrokerUnavailable(f"message broker error while preparing a request: {exc!r}") from None
+            raise BrokerUnavailable(f"message broker error while preparing a request: "
+                                    f"{_amqp_reason(exc)}") from None
         self._channel = ch
         return ch
 
+    def accepts(self, correlation_id: Optional[str], user_id: Optional[str]) -> bool:
+        """Whether a reply comes from the node that was asked (or from our own user)."""
+        node = self._asked.get(correlation_id or "")
+        if node is None:
+            return False
+        return user_id is not None and user_id in (node, self.config.broker_user)
+
     def _on_reply(self, _ch, _method, props, body: bytes) -> None:
+        if not self.accepts(props.correlation_id, props.user_id):
+            log.warning("dropped a reply from broker user %r for %s: it answers no request "
+                        "this caller sent to that node", props.user_id,
+                        self._asked.get(props.correlation_id or "", "an unknown request"))
+            return
         try:
             reply = protocol.decode(body, protocol.MAX_REPLY)
         except Exception as exc:  # a reply we cannot read is still an answer
             reply = {"action": "error", "status": "error", "error": f"unreadable reply: {exc}"}
-        if props.correlation_id:
-            self._replies[props.correlation_id] = reply
+        self._replies[props.correlation_id] = reply
 
     def _publish(self, node: str, message: Dict[str, Any], timeout: Optional[float],
-                 reply: bool) -> str:
+                 reply: bool, message_id: str, deadline: Optional[float]) -> None:
+        """Publish once; a broken connection raises _ConnectionLost (worth another try)."""
         ch = self._open()
-        message_id = uuid.uuid4().hex
         headers: Dict[str, Any] = {}
         expiration = None
         if timeout is not None:
-            headers["x-deadline-ms"] = int((time.time() + timeout) * 1000)
+            headers["x-deadline-ms"] = int((deadline or time.time() + timeout) * 1000)
             headers["x-timeout-ms"] = max(1, int(timeout * 1000))
             expiration = str(max(1, int(timeout * 1000)))
         props = pika.BasicProperties(
@@ -144,25 +229,54 @@ class RpcClient:
             raise MessagingError(f"the message broker refused the request to {node}") from None
         except pika.exceptions.AMQPError as exc:
             self.close()
-            raise BrokerUnavailable(f"lost the message broker while sending to {node} "
-                                    f"({type(exc).__name__})") from None
-        return message_id
+            raise _ConnectionLost(f"lost the message broker while sending to {node} "
+                                  f"({type(exc).__name__})") from None
+
+    def _send(self, node: str, message: Dict[str, Any], timeout: Optional[float], reply: bool,
+              wait: Callable[[str, float], Optional[Dict[str, Any]]]) -> Optional[Dict[str, Any]]:
+        """Publish (again, after a lost connection) until ``wait`` has its answer."""
+        message_id = uuid.uuid4().hex
+        limit = timeout if timeout is not None else float(self.config.timeout)
+        started = time.monotonic()
+        deadline_wall = time.time() + timeout if timeout is not None else None
+        self._asked[message_id] = node
+        try:
+            while True:
+                remaining = limit - (time.monotonic() - started)
+                if remaining <= 0:
+                    raise RpcTimeout(node, limit)
+                try:
+                    self._publish(node, message, remaining if timeout is not None else None,
+                                  reply, message_id, deadline_wall)
+                    return wait(message_id, started + limit)
+                except _ConnectionLost as exc:
+                    self.close()
+                    log.info("%s; sending %s %s again through the broker that answers", exc,
+                                message.get("action"), message_id)
+        finally:
+            self._asked.pop(message_id, None)
+            self._replies.pop(message_id, None)
+
+    def _wait_reply(self, node: str, timeout: float):
+        def wait(message_id: str, until: float) -> Dict[str, Any]:
+            while message_id not in self._replies:
+                remaining = until - time.monotonic()
+                if remaining <= 0:
+                    raise RpcTimeout(node, timeout)
+                try:
+                    self._conn.process_data_events(time_limit=min(remaining, 1.0))
+                except pika.exceptions.AMQPError as exc:
+                    self.close()
+                    raise _ConnectionLost(f"lost the message broker while waiting for {node} "
+                                          f"({type(exc).__name__})") from None
+            return self._replies.pop(message_id)
+        return wait
 
     def call(self, node: str, message: Dict[str, Any], timeout: float) -> Dict[str, Any]:
         """Send ``message`` to ``node`` and return its reply (which may be an error reply)."""
-        deadline = time.monotonic() + timeout
-        message_id = self._publish(node, message, timeout, reply=True)
-        while message_id not in self._replies:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RpcTimeout(node, timeout)
-            try:
-                self._conn.process_data_events(time_limit=min(remaining, 1.0))
-            except pika.exceptions.AMQPError as exc:
-                self.close()
-                raise BrokerUnavailable(f"lost the message broker while waiting for {node} "
-                                        f"({type(exc).__name__})") from None
-        return self._replies.pop(message_id)
+        reply = self._send(node, message, timeout, True, self._wait_reply(node, timeout))
+        assert reply is not None
+        return reply
 
     def request(self, node: str, message: Dict[str, Any], timeout: float) -> Dict[str, Any]:
         """Like call(), but an error reply raises RemoteError with the node's text."""
@@ -175,7 +289,7 @@ class RpcClient:
 
     def notify(self, node: str, message: Dict[str, Any], timeout: Optional[float] = None) -> None:
         """Send a message that expects no reply (still refused when unroutable)."""
-        self._publish(node, message, timeout, reply=False)
+        self._send(node, message, timeout, False, lambda _id, _until: None)
 
     def close(self) -> None:
         conn, self._conn, self._channel = self._conn, None, None
@@ -237,6 +351,18 @@ def _deadline(headers: Dict[str, Any], now: float) -> Optional[float]:
     return min(found) if found else None
 
 
+def capped_deadline(headers: Dict[str, Any], now: float, max_time: float) -> Optional[float]:
+    """The caller's deadline, but never more than ``max_time`` after arrival.
+
+    A request's own headers must not let it hold a zvol lock or a worker
+    longer than the node allows, whatever its sender asks for.
+    """
+    asked = _deadline(headers, now)
+    if asked is None:
+        return None
+    return min(asked, now + max_time)
+
+
 class Responder:
     """Reply to and acknowledge one message from any thread."""
 
@@ -281,6 +407,9 @@ class Consumer:
         self._channel = None
         self._generation = 0
         self.connected = threading.Event()
+        self.broker: Optional[str] = None      # host:port of the broker consumed from
+        self._reply_conn: Optional[pika.BlockingConnection] = None
+        self._reply_ch = None
 
     # -- called from any thread -------------------------------------------
     def _threadsafe(self, generation: int, fn: Callable[[], None]) -> None:
@@ -301,7 +430,8 @@ class Consumer:
             props = pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=1,
                                          correlation_id=correlation_id, app_id=APP_ID,
                                          timestamp=int(time.time()),
-                                         user_id=self.config.broker_user)
+                                         user_id=self.config.broker_user,
+                                         headers={REPLY_HEADER: 1})
             body = protocol.encode(message)
             if len(body) > protocol.MAX_REPLY:
                 log.error("a %s reply of %d bytes is over the %d bytes a reply may carry; "
@@ -309,11 +439,39 @@ class Consumer:
                           protocol.MAX_REPLY)
                 body = protocol.encode(protocol.oversized(message, len(body)))
             try:
-                self._channel.basic_publish(exchange="", routing_key=reply_to,
-                                            body=body, properties=props)
-            except pika.exceptions.AMQPError as exc:
-                log.warning("could not send reply to %s: %r", reply_to, exc)
+                self._reply_channel().basic_publish(exchange="", routing_key=reply_to,
+                                                    body=body, properties=props)
+            except (MessagingError, pika.exceptions.AMQPError) as exc:
+                self._close_replies()
+                log.warning("could not send a reply to %s (its caller is gone?): %s",
+                            reply_to, exc if isinstance(exc, MessagingError) else _amqp_reason(exc))
         self._threadsafe(generation, send)
+
+    def _reply_channel(self):
+        """The channel replies go out on: a connection of their own, with confirms.
+
+        A reply addressed to a caller whose broker node died makes the broker
+        close the connection it was published on; on the consuming connection
+        that would drop every unacknowledged request and, redelivered, they
+        would be answered to the same dead address again.  Confirms tell at
+        once which reply broke its connection, so the next one gets a new one.
+        """
+        if self._reply_conn is None or not self._reply_conn.is_open \
+                or self._reply_ch is None or not self._reply_ch.is_open:
+            self._close_replies()
+            self._reply_conn, _label = connect_any(self.config)
+            self._reply_ch = self._reply_conn.channel()
+            self._reply_ch.confirm_delivery()
+        return self._reply_ch
+
+    def _close_replies(self) -> None:
+        conn, self._reply_conn, self._reply_ch = self._reply_conn, None, None
+        if conn is not None:
+            try:
+                if conn.is_open:
+                    conn.close()
+            except Exception:  # closing a dead connection must never mask the real error
+                pass
 
     def ack(self, generation: int, tag: int) -> None:
         def send() -> None:
@@ -332,28 +490,71 @@ class Consumer:
     def _on_message(self, _ch, method, props, body: bytes) -> None:
         responder = Responder(self, self._generation, method.delivery_tag, props.reply_to,
                               props.message_id)
+        if is_reply(props):
+            # Someone routed an answer to this node's queue: executing it as a request
+            # would let any publisher make this daemon act on another node's reply.
+            log.warning("dropped a reply (from broker user %r) that arrived on queue %s: "
+                        "replies are never executed", props.user_id, self.queue)
+            responder.done()
+            return
+        if props.reply_to and not props.reply_to.startswith(DIRECT_REPLY_TO):
+            log.warning("refused a request from broker user %r: its reply_to %r is not a "
+                        "direct reply-to address, and no answer is sent to a queue",
+                        props.user_id, props.reply_to[:200])
+            responder.done()
+            return
         try:
             msg = protocol.decode(body)
         except Exception as exc:
             self.dispatch(None, responder, str(exc))
             return
-        deadline = _deadline(props.headers or {}, time.time())
+        now = time.time()
+        deadline = capped_deadline(props.headers or {}, now, self.config.max_request_time)
         env = Envelope(action=msg["action"], body=msg, message_id=props.message_id,
                        reply_to=props.reply_to, user_id=props.user_id, deadline=deadline,
-                       redelivered=bool(method.redelivered))
+                       redelivered=bool(method.redelivered), received=now)
         self.dispatch(env, responder, None)
 
-    def _setup(self) -> None:
-        self._conn = connect(self.config)
+    def _setup(self) -> str:
+        """Connect and consume the node's queue; returns the broker's host:port.
+
+        A node user may not declare anything: its queue (a quorum queue on a
+        cluster) and binding were declared by the administrator, so a passive
+        declare comes first.  Only a missing queue is declared here, which a
+        development setup with broad rights needs and a strict one refuses.
+        """
+        self._conn, label = connect_any(self.config)
         self._generation += 1
+        probe = self._conn.channel()
+        try:
+            probe.queue_declare(queue=self.queue, passive=True)
+            probe.close()
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != 404:
+                raise
+            self._declare_own_queue(label)
         ch = self._conn.channel()
-        declare_exchange(ch, self.config.exchange)
-        ch.queue_declare(queue=self.queue, durable=True)
-        ch.queue_bind(queue=self.queue, exchange=self.config.exchange, routing_key=self.queue)
         ch.basic_qos(prefetch_count=self.PREFETCH)
         self._consumer_tag = ch.basic_consume(queue=self.queue,
                                               on_message_callback=self._on_message)
         self._channel = ch
+        return label
+
+    def _declare_own_queue(self, label: str) -> None:
+        try:
+            ensure_exchange(self._conn, self.config.exchange)
+            ch = self._conn.channel()
+            ch.queue_declare(queue=self.queue, durable=True)
+            ch.queue_bind(queue=self.queue, exchange=self.config.exchange,
+                          routing_key=self.queue)
+            ch.close()
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code == 403:
+                raise MessagingError(
+                    f"queue {self.queue} does not exist on the message broker at {label} and "
+                    f"this user may not create it: run `rocks sync host imgstorage "
+                    f"{self.queue}` on the frontend") from None
+            raise
 
     def run_forever(self) -> None:
         """Serve until stop(); a lost broker is retried with backoff (1 s .. 30 s)."""
@@ -361,14 +562,18 @@ class Consumer:
         first = True
         while not self._stop.is_set():
             try:
-                self._setup()
+                label = self._setup()
             except (MessagingError, pika.exceptions.AMQPError) as exc:
-                log.warning("%s; retrying in %.0f s", exc, delay)
+                text = str(exc) if isinstance(exc, MessagingError) else \
+                    f"message broker error while consuming queue {self.queue}: {_amqp_reason(exc)}"
+                log.warning("%s; retrying in %.0f s", text, delay)
+                self._close()
                 self._stop.wait(delay)
                 delay = min(delay * 2, 30.0)
                 continue
-            log.info("%s to the message broker; consuming queue %s",
-                     "connected" if first else "reconnected", self.queue)
+            self.broker = label
+            log.info("%s to the message broker at %s; consuming queue %s",
+                     "connected" if first else "reconnected", label, self.queue)
             first = False
             delay = 1.0
             self.connected.set()
@@ -376,7 +581,10 @@ class Consumer:
                 self.on_connected()
             try:
                 while not self._stop.is_set():
+                    if not self._conn.is_open:   # closed by the broker inside a callback
+                        raise pika.exceptions.ConnectionClosed(320, "connection closed")
                     self._conn.process_data_events(time_limit=0.5)
+                    self._service_replies()
                 self._drain()
             except pika.exceptions.AMQPError as exc:
                 log.warning("lost the message broker (%s); reconnecting", type(exc).__name__)
@@ -389,11 +597,21 @@ class Consumer:
         """Stop taking messages, but keep the connection while work in flight replies."""
         self._channel.basic_cancel(self._consumer_tag)
         deadline = time.monotonic() + limit
-        while self.busy() and time.monotonic() < deadline:
+        while self.busy() and time.monotonic() < deadline and self._conn.is_open:
             self._conn.process_data_events(time_limit=0.2)
+            self._service_replies()
         self._conn.process_data_events(time_limit=0)
 
+    def _service_replies(self) -> None:
+        """Heartbeats and a broker's close of the reply connection, between messages."""
+        if self._reply_conn is not None:
+            try:
+                self._reply_conn.process_data_events(time_limit=0)
+            except pika.exceptions.AMQPError:
+                self._close_replies()
+
     def _close(self) -> None:
+        self._close_replies()
         conn, self._conn, self._channel = self._conn, None, None
         if conn is not None:
             try:

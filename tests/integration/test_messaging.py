@@ -95,3 +95,122 @@ def test_map_and_unmap_through_messages(rpc, daemons):
     rows = rpc.request("nas-0-0", {"action": "list_zvols"}, timeout=10)["body"]
     assert next(r for r in rows if r["zvol"] == "msgvol")["state"] == "unmapped"
     assert "msgvol" not in rpc.request("compute-0-3", {"action": "list_dev"}, timeout=10)["body"]
+
+
+def publish_raw(cfg, node: str, message: dict, **props) -> None:
+    """A request as a hostile client would shape it, published with confirms."""
+    import json
+    conn = connect(cfg)
+    try:
+        ch = conn.channel()
+        ch.confirm_delivery()
+        ch.basic_publish("rocks.vm-manage", node, json.dumps(message).encode(),
+                         pika.BasicProperties(**props), mandatory=True)
+    finally:
+        conn.close()
+
+
+def wait_for_log(daemons, node: str, text: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in daemons.log_path(node).read_text(errors="replace"):
+        assert time.monotonic() < deadline, f"{node} never logged {text!r}"
+        time.sleep(0.1)
+
+
+def zvols(rpc) -> list:
+    return [r["zvol"] for r in rpc.request("nas-0-0", {"action": "list_zvols"}, timeout=10)["body"]]
+
+
+MAP_RT = {"action": "map_zvol", "zvol": "replytovol", "zpool": "tank",
+          "remotehost": "compute-0-3", "size": 1}
+
+
+def test_a_request_whose_reply_to_is_a_queue_is_not_run(rpc, daemons):
+    publish_raw(rpc.config, "nas-0-0", MAP_RT, reply_to="compute-0-3", message_id="rt-1")
+    wait_for_log(daemons, "nas-0-0", "'compute-0-3' is not a direct reply-to address")
+    assert "replytovol" not in zvols(rpc)
+
+
+@pytest.mark.parametrize("props", [{"correlation_id": "c-1"},
+                                   {"headers": {"x-imgstorage-reply": 1}}])
+def test_a_reply_sent_to_a_node_queue_is_never_executed(rpc, daemons, props):
+    before = daemons.log_path("nas-0-0").read_text(errors="replace").count(
+        "replies are never executed")
+    publish_raw(rpc.config, "nas-0-0", MAP_RT, **props)
+    deadline = time.monotonic() + 20
+    while daemons.log_path("nas-0-0").read_text(errors="replace").count(
+            "replies are never executed") == before:
+        assert time.monotonic() < deadline, "the reply was not dropped"
+        time.sleep(0.1)
+    assert "replytovol" not in zvols(rpc)
+
+
+def test_every_reply_carries_the_answering_nodes_user_and_the_reply_mark(rpc, daemons):
+    conn = connect(rpc.config)
+    try:
+        ch = conn.channel()
+        got = []
+        ch.basic_consume(DIRECT_REPLY_TO, lambda c, m, p, b: got.append(p), auto_ack=True)
+        ch.basic_publish("rocks.vm-manage", "compute-0-3", b'{"action": "ping"}',
+                         pika.BasicProperties(reply_to=DIRECT_REPLY_TO, message_id="mark-1"))
+        deadline = time.monotonic() + 10
+        while not got and time.monotonic() < deadline:
+            conn.process_data_events(time_limit=0.2)
+        assert got, "no reply"
+        assert got[0].user_id == "guest" and got[0].correlation_id == "mark-1"
+        assert got[0].headers == {"x-imgstorage-reply": 1}
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def node_user(daemons, vhost):
+    """A broker user with a node's rights: configure nothing, write the exchange, read its queue."""
+    import subprocess
+    import uuid
+    name, password = f"lonely-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    subprocess.run(["rabbitmqctl", "-q", "add_user", name, password], check=True,
+                   capture_output=True)
+    subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", vhost, name, "^$",
+                    "^(rocks\\.vm-manage|amq\\.default)$", f"^{name}$"], check=True,
+                   capture_output=True)
+    yield name, password
+    subprocess.run(["rabbitmqctl", "-q", "delete_user", name], capture_output=True)
+
+
+def test_a_node_that_may_not_create_its_missing_queue_says_what_to_run(rpc, node_user, caplog):
+    import threading
+
+    from imgstorage.config import from_dict
+    from imgstorage.messaging import Consumer, RpcClient, declare_node_queues
+    name, password = node_user
+    url = rpc.config.broker_url.replace("guest:guest", f"{name}:{password}")
+    received = []
+
+    def dispatch(env, responder, err):
+        received.append(env.action)
+        responder.done()
+    consumer = Consumer(from_dict({"name": name, "broker_url": url}), dispatch)
+    thread = threading.Thread(target=consumer.run_forever, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        wanted = (f"queue {name} does not exist on the message broker at 127.0.0.1:5672 and this "
+                  f"user may not create it: run `rocks sync host imgstorage {name}` on the frontend")
+        while wanted not in caplog.text:
+            assert time.monotonic() < deadline, caplog.text
+            time.sleep(0.1)
+        assert not consumer.connected.is_set()
+        # once the administrator declared it, the node consumes it without declaring anything
+        declare_node_queues(rpc.config, [name])
+        assert consumer.connected.wait(30)
+        # and a caller with the same narrow rights sends without declaring the exchange
+        with RpcClient(from_dict({"name": name, "broker_url": url})) as own:
+            own.notify(name, {"action": "ping"}, timeout=10)
+        while not received:
+            assert time.monotonic() < deadline + 40, "the node never received its request"
+            time.sleep(0.1)
+        assert received == ["ping"]
+    finally:
+        consumer.stop()
+        thread.join(30)

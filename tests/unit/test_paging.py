@@ -218,6 +218,7 @@ def _consumer():
     consumer = Consumer(from_dict({"name": "nas-0-0", "broker_url": "amqp://u:p@h:5672/v"}),
                         dispatch=lambda *a: None)
     consumer._conn, consumer._channel = _Connection(), _Channel()
+    consumer._reply_channel = lambda: consumer._channel   # replies have a connection of their own
     return consumer
 
 
