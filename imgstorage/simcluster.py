@@ -70,6 +70,8 @@ class SimCluster:
         self.procs: Dict[str, subprocess.Popen] = {}
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.sim_root.mkdir(exist_ok=True)
+        for folder in ("db", "log"):         # the registry may be used before any daemon runs
+            (self.workdir / folder).mkdir(exist_ok=True)
         for node in self.nas + self.containers:
             self.write_config(node)
         self.write_config("frontend")

@@ -1,5 +1,9 @@
 """Strict mode: a container's own broker credentials cannot touch what is not its own.
 
+The cluster is set up as README.rst tells an operator (``rocks sync host
+imgstorage``, each node's configuration from ``rocks report host imgstorage``),
+so the broker's permissions are the real, narrow ones.
+
 One cluster, every node its own broker user; vm-container-0-14 runs a VM on a
 sync-mode zvol of nas-0-0 and compute-0-3 attacks it with its own credentials
 (the ones its daemon connects with): every container request to the other
@@ -12,6 +16,8 @@ from __future__ import annotations
 import json
 import random
 
+import pika
+import pika.exceptions
 import pytest
 
 from imgstorage import protocol
@@ -132,4 +138,85 @@ def test_the_nas_takes_no_management_from_a_container(cluster, node):
         assert rpc.request(NAS, {"action": "ping"}, timeout=20)["node"] == NAS
     assert storagemap(c)[zvol] == before and "stolen" not in storagemap(c)
     assert f"{POOL}/stolen" not in ok(c.sim("zfs", "list", "--host", NAS))
+    ok(c.rocks("remove", "host", "storagemap", NAS, zvol))
+
+
+# ------------------------------------------------------------ the broker itself
+def node_connection(c, node: str) -> pika.BlockingConnection:
+    """A raw AMQP connection with ``node``'s own credentials, as an attacker holding them
+    would open it (the daemons' own code would refuse to do most of what follows)."""
+    cfg = from_dict(json.loads(c.config_path(node).read_text()))
+    return pika.BlockingConnection(pika.URLParameters(cfg.broker_urls[0]))
+
+
+def refused_by_broker(conn: pika.BlockingConnection, attempt) -> int:
+    """The reply code of the broker's refusal (it closes the channel it was tried on)."""
+    ch = conn.channel()
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as err:
+        attempt(ch)
+    return err.value.reply_code
+
+
+def test_the_broker_keeps_a_container_out_of_other_nodes_queues(cluster):
+    c = cluster
+    queues = {node: None for node in [NAS, VICTIM]}
+    conn = node_connection(c, ATTACKER)
+    try:
+        exchange = from_dict(json.loads(c.config_path(ATTACKER).read_text())).exchange
+        for node in queues:
+            # read another node's requests (CHAP secrets, stream tokens)
+            assert refused_by_broker(conn, lambda ch: ch.basic_consume(
+                queue=node, on_message_callback=lambda *a: None)) == 403
+            assert refused_by_broker(conn, lambda ch: ch.basic_get(queue=node)) == 403
+            # route another node's requests to a queue of its own
+            assert refused_by_broker(conn, lambda ch: ch.queue_bind(
+                queue=ATTACKER, exchange=exchange, routing_key=node)) == 403
+            assert refused_by_broker(conn, lambda ch: ch.queue_purge(queue=node)) == 403
+            assert refused_by_broker(conn, lambda ch: ch.queue_delete(queue=node)) == 403
+        assert refused_by_broker(conn, lambda ch: ch.queue_declare(
+            queue="", exclusive=True)) == 403
+        # a message under another node's name: the broker checks user_id
+        ch = conn.channel()
+        ch.confirm_delivery()
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as err:
+            ch.basic_publish(exchange=exchange, routing_key=VICTIM, body=b'{"action":"ping"}',
+                             properties=pika.BasicProperties(user_id=NAS))
+        assert err.value.reply_code == 406
+    finally:
+        conn.close()
+    # every node still serves
+    for node in (NAS, VICTIM, ATTACKER):
+        with as_node(c, VICTIM if node == NAS else NAS) as rpc:
+            assert rpc.request(node, {"action": "ping"}, timeout=20)["node"] == node
+
+
+def test_no_daemon_answers_into_a_queue_or_runs_a_reply(cluster):
+    c = cluster
+    zvol = "answered"
+    ok(c.rocks("add", "host", "storagemap", NAS, POOL, zvol, VICTIM, "1", "img_sync=false"))
+    before = (storagemap(c)[zvol], storagedev(c, VICTIM)[zvol])
+    conn = node_connection(c, ATTACKER)
+    try:
+        ch = conn.channel()
+        ch.confirm_delivery()
+        # 1. ask the NAS something with the victim's queue as reply_to: the answer
+        #    would arrive there under the NAS's user, as if the NAS had asked
+        ch.basic_publish(exchange="", routing_key=NAS, body=protocol.encode({"action": "ping"}),
+                         properties=pika.BasicProperties(user_id=ATTACKER, reply_to=VICTIM,
+                                                         message_id="forged-reply-to"))
+        # 2. a "reply" dropped straight into the victim's queue
+        ch.basic_publish(exchange="", routing_key=VICTIM,
+                         body=protocol.encode({"action": "clean_zvol", "zvol": zvol}),
+                         properties=pika.BasicProperties(user_id=ATTACKER,
+                                                         correlation_id="forged-answer"))
+    finally:
+        conn.close()
+    wait_until("the NAS's refusal to answer into a queue", lambda: (
+        f"refused a request from broker user '{ATTACKER}': its reply_to '{VICTIM}'"
+        in log_of(c, NAS)))
+    wait_until("the victim dropping the forged reply", lambda: (
+        f"dropped a reply (from broker user '{ATTACKER}') that arrived on queue {VICTIM}"
+        in log_of(c, VICTIM)))
+    assert "pong" not in log_of(c, VICTIM)
+    assert (storagemap(c)[zvol], storagedev(c, VICTIM)[zvol]) == before
     ok(c.rocks("remove", "host", "storagemap", NAS, zvol))
