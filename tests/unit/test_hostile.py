@@ -128,7 +128,7 @@ ACTIONS = sorted(set(nas_handlers.MANAGEMENT) | {"map_zvol", "unmap_zvol", "del_
                                                  "sync_zvol", "recv_zvol", "send_zvol",
                                                  "del_local", "zvol_synced", "format_disk"})
 FIELDS = ["zvol", "zpool", "remotehost", "remotepool", "size", "sync", "target", "nas", "attrs",
-          "token", "snap", "base", "chap", "volsize", "status", "resume_token", "restart"]
+          "token", "stream", "snap", "base", "chap", "volsize", "status", "resume_token", "restart"]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
