@@ -7,7 +7,6 @@ instead of failing later in the middle of an operation.
 """
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import re
@@ -88,14 +87,6 @@ class Config:
 
 def split_broker_urls(value: str) -> List[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
-
-
-def _is_ip(value: str) -> bool:
-    try:
-        ipaddress.ip_address(value)
-        return True
-    except ValueError:
-        return False
 
 
 def _bad(path: str, key: str, why: str) -> ConfigError:
@@ -182,7 +173,7 @@ def _check(path: str, key: str, value: Any) -> Any:
                 raise ValidationError('expected "real" or "sim"')
             return value
         if key in ("stream_address", "stream_bind"):
-            if not isinstance(value, str) or not (naming._HOST_RE.match(value) or _is_ip(value)):
+            if not isinstance(value, str) or not naming.is_host_or_ip(value):
                 raise ValidationError("expected a host name or an IP address")
             return value
         if key == "ssh_user":

@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import pika
 import pika.exceptions
@@ -129,6 +129,17 @@ def ensure_exchange(conn: pika.BlockingConnection, exchange: str) -> None:
         declare_exchange(conn.channel(), exchange)
         return
     probe.close()
+
+
+def close_quietly(conn: Optional[pika.BlockingConnection]) -> None:
+    """Close a connection that may already be dead: closing must never mask the real error."""
+    if conn is None:
+        return
+    try:
+        if conn.is_open:
+            conn.close()
+    except Exception:  # noqa: BLE001 - whatever a dead connection raises
+        pass
 
 
 def is_reply(props) -> bool:
@@ -293,12 +304,7 @@ class RpcClient:
 
     def close(self) -> None:
         conn, self._conn, self._channel = self._conn, None, None
-        if conn is not None:
-            try:
-                if conn.is_open:
-                    conn.close()
-            except Exception:  # closing a dead connection must never mask the real error
-                pass
+        close_quietly(conn)
 
 
 # ----------------------------------------------------------------- daemons
@@ -466,12 +472,7 @@ class Consumer:
 
     def _close_replies(self) -> None:
         conn, self._reply_conn, self._reply_ch = self._reply_conn, None, None
-        if conn is not None:
-            try:
-                if conn.is_open:
-                    conn.close()
-            except Exception:  # closing a dead connection must never mask the real error
-                pass
+        close_quietly(conn)
 
     def ack(self, generation: int, tag: int) -> None:
         def send() -> None:
@@ -613,12 +614,7 @@ class Consumer:
     def _close(self) -> None:
         self._close_replies()
         conn, self._conn, self._channel = self._conn, None, None
-        if conn is not None:
-            try:
-                if conn.is_open:
-                    conn.close()
-            except Exception:
-                pass
+        close_quietly(conn)
 
 
 # ----------------------------------------------------------- administration
@@ -669,10 +665,7 @@ def declare_node_queues(config: Config, nodes: Iterable[str],
         raise MessagingError(f"the message broker refused to declare the node queues: "
                              f"{_amqp_reason(exc)}") from None
     finally:
-        try:
-            conn.close()
-        except Exception:  # closing a dead connection must never mask the real error
-            pass
+        close_quietly(conn)
     return kinds
 
 
@@ -711,10 +704,7 @@ def delete_node_queue(config: Config, node: str) -> None:
         raise MessagingError(f"the message broker refused to delete queue {node}: "
                              f"{_amqp_reason(exc)}") from None
     finally:
-        try:
-            conn.close()
-        except Exception:  # closing a dead connection must never mask the real error
-            pass
+        close_quietly(conn)
 
 
 def _amqp_reason(exc: BaseException) -> str:

@@ -8,6 +8,7 @@ shared by the CLI and the daemons.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
 from typing import Any, Optional
 
@@ -66,6 +67,19 @@ def host_name(value: Any) -> str:
     if not _HOST_RE.match(value):
         raise ValidationError(f"invalid host name {_show(value)}")
     return value
+
+
+def is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        return False
+
+
+def is_host_or_ip(value: Any) -> bool:
+    """A name or address a node may be reached at (never anything a socket would misread)."""
+    return isinstance(value, str) and bool(_HOST_RE.match(value) or is_ip(value))
 
 
 def attr_name(value: Any) -> str:

@@ -14,7 +14,6 @@ whether a transfer starts fresh or resumes, and the transports only carry it.
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 import re
 from typing import Callable, Dict, Optional, Tuple
@@ -30,14 +29,6 @@ log = logging.getLogger(__name__)
 
 TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{20,53}")   # as transfer.new_token draws it; fits the hello
 MAX_STREAM_SIZE = 1 << 60
-
-
-def _is_ip(value: str) -> bool:
-    try:
-        ipaddress.ip_address(value)
-        return True
-    except ValueError:
-        return False
 
 
 def _move(job, rate: Optional[int], open_source, open_sink) -> None:
@@ -74,7 +65,7 @@ def _stream_size(reply: Dict) -> Optional[int]:
 def _endpoint(reply: Dict) -> Tuple[str, int, str]:
     """Where the container's endpoint is and its token, checked before anything connects."""
     address, port, token = reply.get("address"), reply.get("port"), reply.get("token")
-    if not isinstance(address, str) or not (naming._HOST_RE.match(address) or _is_ip(address)) \
+    if not naming.is_host_or_ip(address) \
             or isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise ImgStorageError("the container answered without a valid stream endpoint")
     if not isinstance(token, str) or not TOKEN_RE.fullmatch(token):

@@ -15,7 +15,6 @@ import logging
 import re
 import threading
 import subprocess
-import time
 import uuid
 from pathlib import Path
 from typing import Optional
