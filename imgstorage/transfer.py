@@ -851,14 +851,16 @@ class StreamServer:
                     else:
                         self._refuse(selector, waiting, hs, hs.why)
         finally:
+            # The listener goes first: once a stranger sees its own connection closed,
+            # nobody may connect to this port any more.
+            selector.close()
+            self.close()
             for hs in waiting.values():
                 _close_quietly(hs.sock)
             if waiting:
                 self.refused += len(waiting)
                 log.warning("stream server on port %d closed %d connections that had not "
                             "presented the token", self.port, len(waiting))
-            selector.close()
-            self.close()
             if self.refused > LOGGED_REFUSALS:
                 log.warning("stream server on port %d refused %d connections in all",
                             self.port, self.refused)

@@ -714,7 +714,7 @@ print("ok")
 RESUME_CHECK = r"""
 import sys
 from imgstorage.drivers.zfs import make_zfs
-from imgstorage.errors import NotFoundError
+from imgstorage.errors import NotResumableError
 from imgstorage.runner import Runner
 name, token = sys.argv[1], sys.argv[2]
 z = make_zfs(Runner())
@@ -722,8 +722,8 @@ assert z.resume_token("tank", name) == token
 try:
     z.send_resume_size("tank", name, token)
     raise AssertionError("an estimate for a destroyed snapshot")
-except NotFoundError as exc:
-    assert "no longer exists" in str(exc), exc
+except NotResumableError as exc:     # the sender's verdict: start over
+    assert exc.code == "not_resumable" and "no longer exists" in str(exc), exc
 z.abort_resume("tank", name)
 assert z.resume_token("tank", name) is None
 z.abort_resume("tank", name)
