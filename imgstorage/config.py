@@ -29,7 +29,7 @@ KNOWN_KEYS = {
     "name", "broker_url", "exchange", "db", "frontend_db", "backend", "sim_root",
     "network", "default_pool", "img_sync_workers", "transport", "log_file",
     "admin_users", "chap", "timeout", "target", "stream_address", "stream_bind", "ssh_user",
-    "pool_wait", "nas_users", "max_streams", "max_request_time", "broker_node",
+    "pool_wait", "nas_users", "max_streams", "max_request_time", "broker_node", "sim_latency",
 }
 
 
@@ -62,6 +62,7 @@ class Config:
     max_streams: int = 16                  # stream endpoints a node keeps open at once
     max_request_time: float = 3600.0       # the longest any request may hold a lock or worker
     broker_node: Optional[str] = None      # the RabbitMQ node rabbitmqctl talks to (frontend)
+    sim_latency: Dict[str, float] = field(default_factory=dict)  # seconds per simulated subsystem
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def require(self, *keys: str) -> None:
@@ -126,6 +127,9 @@ def from_dict(data: Dict[str, Any], path: str = "<config>") -> Config:
         if value is None:
             continue
         setattr(cfg, key, _check(path, key, value))
+    if cfg.sim_latency and cfg.backend != "sim":
+        raise ConfigError(f"{path}: invalid key 'sim_latency': only the simulated kernel "
+                          "(backend \"sim\") has one")
     if cfg.backend == "sim" and not cfg.sim_root:
         raise ConfigError(f"{path}: missing key 'sim_root' (required when backend is \"sim\")")
     if cfg.backend == "sim":
@@ -135,6 +139,24 @@ def from_dict(data: Dict[str, Any], path: str = "<config>") -> Config:
         if "stream_bind" not in given:
             cfg.stream_bind = SIM_STREAM_ADDRESS
     return cfg
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 60:
+        raise ValidationError("expected seconds between 0 and 60")
+    return float(value)
+
+
+def _latency(value: Any) -> Dict[str, float]:
+    """One number for every subsystem, or seconds per subsystem (missing ones: 0)."""
+    from .drivers.sim.latency import SUBSYSTEMS
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(SUBSYSTEMS))
+        if unknown:
+            raise ValidationError(f"unknown subsystem {str(unknown[0])[:40]!r}: use "
+                                  + ", ".join(SUBSYSTEMS))
+        return {name: _seconds(seconds) for name, seconds in value.items()}
+    return {name: _seconds(value) for name in SUBSYSTEMS}
 
 
 def _check(path: str, key: str, value: Any) -> Any:
@@ -197,6 +219,8 @@ def _check(path: str, key: str, value: Any) -> Any:
             if not isinstance(value, list) or not all(isinstance(u, str) and u for u in value):
                 raise ValidationError("expected a list of broker user names")
             return value
+        if key == "sim_latency":
+            return _latency(value)
         if key == "broker_node":
             if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+(@[A-Za-z0-9_.-]+)?",
                                                               value):

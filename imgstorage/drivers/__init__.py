@@ -30,10 +30,12 @@ def node_drivers(config: Config, target_kind: str = "lio",
     runner = runner or default_runner
     if config.backend == "sim":
         from .sim import blockdev, dm, initiator, target, zfs
-        root, host = Path(config.sim_root), config.name
-        return NodeDrivers(zfs=zfs.SimZfs(root, host), target=target.SimTarget(root, host),
-                           initiator=initiator.SimInitiator(root, host),
-                           dm=dm.SimDeviceMapper(root, host),
+        from .sim.latency import slowed
+        root, host, wait = Path(config.sim_root), config.name, config.sim_latency
+        return NodeDrivers(zfs=slowed(zfs.SimZfs(root, host), wait, "zfs"),
+                           target=slowed(target.SimTarget(root, host), wait, "target"),
+                           initiator=slowed(initiator.SimInitiator(root, host), wait, "iscsi"),
+                           dm=slowed(dm.SimDeviceMapper(root, host), wait, "dm"),
                            blockdev=blockdev.SimBlockDevices(root, host))
     from . import blockdev as real_blockdev, dm as real_dm, iscsi, zfs as real_zfs
     if target_kind == "tgt":
@@ -51,6 +53,7 @@ def hypervisor(config: Config, runner: Optional[Runner] = None) -> HypervisorDri
     """The hypervisor driver the frontend boots and stops VMs with."""
     if config.backend == "sim":
         from .sim.hypervisor import SimHypervisor
-        return SimHypervisor(Path(config.sim_root))
+        from .sim.latency import slowed
+        return slowed(SimHypervisor(Path(config.sim_root)), config.sim_latency, "hypervisor")
     from .virsh import Virsh
     return Virsh(runner or default_runner)
