@@ -276,12 +276,14 @@ def log_time(text: str) -> Optional[float]:
 
 @contextmanager
 def cluster(tag: str, workdir: Path, containers: Sequence[str] = (CONTAINER,),
-            node_env: Optional[Dict[str, Dict[str, str]]] = None) -> Iterator[BenchCluster]:
+            node_env: Optional[Dict[str, Dict[str, str]]] = None,
+            node_settings: Optional[Dict[str, dict]] = None) -> Iterator[BenchCluster]:
     """NAS ``nas-0-0`` and the given containers on the simulated kernel, in a vhost of their own."""
     vhost = _vhost_name(tag)
     with broker_vhost(vhost):
         sim = SimCluster(workdir, broker_url(vhost), nas=(NAS,), containers=containers,
-                         pool=POOL, node_env=node_env, debug=False)
+                         pool=POOL, node_env=node_env, node_settings=node_settings,
+                         debug=False)
         bench = None
         try:
             sim.make_pools()
