@@ -122,7 +122,7 @@ def build(service: VmService) -> Dict[str, object]:
         zvol = field(env.body, "zvol", naming.zvol_name)
         stream = _stream_request(env.body)
         restart = field(env.body, "restart", protocol.bool_field, required=False, default=False)
-        with streams.reserve(service.config, stream) as slot, held(env, zvol):
+        with held(env, zvol), streams.reserve(service.config, stream) as slot:
             if not (slot or restart):
                 return protocol.success("recv_zvol", **service.receive_state(zvol))
             row = service.require(zvol, *RECEIVING)
@@ -145,7 +145,7 @@ def build(service: VmService) -> Dict[str, object]:
         snap = field(m, "snap", _snap, required=resume is None)
         base = field(m, "base", optional_name(_snap), required=False)
         stream = _stream_request(m)
-        with streams.reserve(service.config, stream) as slot, held(env, zvol):
+        with held(env, zvol), streams.reserve(service.config, stream) as slot:
             row = service.require(zvol, *PULLABLE)
             if resume:
                 size = zfs.send_resume_size(row.remotepool, zvol, resume)
