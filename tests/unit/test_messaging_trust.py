@@ -140,15 +140,7 @@ def test_one_reply_larger_than_the_bound_is_not_kept():
 
 
 # ----------------------------------------------------------------- a copy of a running request
-class FakeResponder:
-    def __init__(self):
-        self.replies, self.done_calls = [], 0
-
-    def reply(self, message):
-        self.replies.append(message)
-
-    def done(self):
-        self.done_calls += 1
+from .test_daemon import FakeResponder  # noqa: E402  (one fake for both files)
 
 
 def test_a_copy_of_a_running_request_gets_its_answer_when_it_finishes():
