@@ -540,13 +540,13 @@ def raw_server(behaviour: Callable[[socket.socket], None]):
     return server, token, in_thread(serve)
 
 
-@pytest.mark.parametrize("frames", [
+@pytest.mark.parametrize("raw", [
     frames.FRAME.pack(b"D", 1000) + b"x" * 400,                     # cut inside a frame
     frames.FRAME.pack(b"D", 5) + b"hello",                          # no end frame
     frames.FRAME.pack(b"D", 5) + b"hello" + b"\x00\x00",            # cut inside a header
 ])
-def test_truncated_pull_is_detected(frames):
-    server, token, outcome = raw_server(lambda conn: conn.sendall(frames))
+def test_truncated_pull_is_detected(raw):
+    server, token, outcome = raw_server(lambda conn: conn.sendall(raw))
     client = SocketSource.connect("127.0.0.1", server.port, token)
     sink = MemorySink()
     with pytest.raises(DriverError, match="ended early"):
