@@ -1,4 +1,4 @@
-"""The ssh transport, as the original roll had it: ``zfs send`` / ``zfs receive`` on the far host."""
+"""The ssh transport, as the original roll had it: ``zfs send`` | ``zfs receive`` over ssh."""
 from __future__ import annotations
 
 import shlex
