@@ -458,8 +458,9 @@ class SendSource:
         if 0 < n <= len(self._pending):                   # served from one piece: one copy
             piece, self._pending = self._pending[:n], self._pending[n:]
             return piece.tobytes()
-        out = bytearray()
-        while n < 0 or len(out) < n:
+        parts: List[memoryview] = []
+        got = 0
+        while n < 0 or got < n:
             if not self._pending:
                 if self._finished:
                     break
@@ -475,10 +476,11 @@ class SendSource:
                     self._failure = DriverError(f"cannot send '{self.volume.label}@"
                                                 f"{self.plan.header.name}': {exc}")
                     raise self._failure from None
-            take = len(self._pending) if n < 0 else min(n - len(out), len(self._pending))
-            out += self._pending[:take]
+            take = len(self._pending) if n < 0 else min(n - got, len(self._pending))
+            parts.append(self._pending[:take])
+            got += take
             self._pending = self._pending[take:]
-        return bytes(out)
+        return b"".join(parts)                            # the one copy of these bytes
 
     def close(self) -> None:
         """Closing before the end simply stops the producer; only a failed one is an error."""
