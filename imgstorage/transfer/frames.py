@@ -2,7 +2,7 @@
 
 A stream travels as DATA frames and ends with an END frame, or a FAIL frame
 carrying the sender's reason; a connection that drops mid-stream therefore
-never passes for a complete stream.  Also here: the small socket helpers
+never passes for a complete stream.  Also here: the small socket functions
 both ends share, which turn socket errors into one-line DriverErrors.
 """
 from __future__ import annotations
