@@ -498,3 +498,102 @@ def test_staging_of_a_receiver_that_died_is_swept(hosts):
     assert len(leftovers(vm)) == 1
     mine.abort()
     assert leftovers(vm) == []
+
+
+# ------------------------------------------------------- how a slice is taken
+def _events(data, cuts):
+    """Decode ``data`` cut at ``cuts``; payloads as bytes, so events compare by content."""
+    decoder, out, pos = stream.Decoder(), [], 0
+    for cut in list(cuts) + [len(data)]:
+        for event in decoder.feed(data[pos:cut]):
+            out.append(("data", event[1], bytes(event[2])) if event[0] == "data" else event)
+        pos = cut
+    decoder.finish()
+    return out
+
+
+def test_the_events_do_not_depend_on_where_the_slices_end(hosts):
+    nas, _ = hosts
+    nas.create_zvol("tank", "v", SIZE, sparse=True)
+    scribble(nas, random.Random(11), 20)
+    nas.snapshot("tank", "v", "s1")
+    scribble(nas, random.Random(12), 10)
+    snapshots.Volume.of(nas.root, "nas", "tank", "v").discard(3 * BLOCK, 2 * BLOCK)
+    nas.snapshot("tank", "v", "s2")
+    for data in (send_bytes(nas, "s1"), send_bytes(nas, "s2", "s1")):
+        whole = _events(data, [])
+        assert whole[0][0] == "header" and whole[-1] == ("end",)
+        rng = random.Random(len(data))
+        every_byte_near_the_end = range(len(data) - 200, len(data))
+        assert _events(data, every_byte_near_the_end) == whole
+        assert _events(data, sorted(rng.sample(range(1, len(data)), 300))) == whole
+
+
+def test_bytes_after_the_end_are_refused_however_they_arrive(hosts):
+    nas, _ = hosts
+    nas.create_zvol("tank", "v", SIZE, sparse=True)
+    dev(nas).write(0, os.urandom(MIB))
+    nas.snapshot("tank", "v", "s1")
+    data = send_bytes(nas, "s1")
+    for cuts in ([], [len(data) - 10], [len(data)]):
+        with pytest.raises(stream.StreamError, match=r"data after the end record"):
+            _events(data + b"x", cuts)
+
+
+def _stream_with_a_zero_block(header, blocks):
+    """A stream as another sender may make it: a DATA record of zeros among the others."""
+    enc = stream.Encoder(header)
+    out = [enc.start()]
+    for b in sorted(blocks):
+        out += enc.data(b, blocks[b])
+    out.append(enc.end())
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("resumable", [False, True])
+def test_a_block_of_zeros_in_a_stream_lands_as_a_hole(hosts, resumable):
+    nas, vm = hosts
+    header = stream.Header(SIZE, BLOCK, "s1", 1234)
+    data = _stream_with_a_zero_block(header, {2: os.urandom(BLOCK), 3: bytes(BLOCK),
+                                              4: os.urandom(BLOCK)})
+    sink = vm.receive("tank", "v", resumable=resumable)
+    feed(sink, data)
+    sink.close()
+    assert data_blocks(folder(vm) / "data") == {2, 4}
+    assert dev(vm).read(3 * BLOCK, BLOCK) == bytes(BLOCK)
+    nas.create_zvol("tank", "w", SIZE, sparse=True)
+    dev(nas, "w").write(3 * BLOCK, os.urandom(2 * BLOCK))
+    nas.snapshot("tank", "w", "a")
+    transfer(nas, vm, "a", vol="w")
+    following = stream.Header(SIZE, BLOCK, "b", 5678, "a", snapshot_of(nas, "w", "a").guid)
+    sink = vm.receive("tank", "w", resumable=resumable)
+    feed(sink, _stream_with_a_zero_block(following, {3: bytes(BLOCK)}))
+    sink.close()
+    assert data_blocks(folder(vm, "w") / "data") == {4}
+    assert dev(vm, "w", snap="a").read(3 * BLOCK, BLOCK) == dev(nas, "w", snap="a").read(
+        3 * BLOCK, BLOCK)
+
+
+def _receive_in_a_child(root, data):
+    driver = zfs.SimZfs(root, "vm")
+    sink = driver.receive("tank", "child")
+    sink.write(data)
+    sink.close()
+
+
+def test_a_forked_child_receives_after_its_parent_did(hosts):
+    """The digest workers are threads; a child forked after the parent used them makes its own."""
+    nas, vm = hosts
+    nas.create_zvol("tank", "v", SIZE, sparse=True)
+    dev(nas).write(0, os.urandom(4 * MIB))
+    nas.snapshot("tank", "v", "s1")
+    data = transfer(nas, vm, "s1")
+    child = multiprocessing.get_context("fork").Process(target=_receive_in_a_child,
+                                                        args=(vm.root, data))
+    child.start()
+    child.join(120)                                    # a guard against a hang, not a measure
+    if child.is_alive():
+        child.kill()
+        child.join()
+    assert child.exitcode == 0
+    assert dev(vm, "child").read(0, SIZE) == dev(vm).read(0, SIZE)

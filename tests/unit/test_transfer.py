@@ -15,12 +15,12 @@ from typing import Callable, List, Optional
 
 import pytest
 
-from imgstorage import transfer
 from imgstorage.drivers.zfs import CommandSink, CommandSource
 from imgstorage.errors import DriverError, ImgStorageError, ValidationError
 from imgstorage.runner import Runner
-from imgstorage.transfer import (Progress, SocketSink, SocketSource, StreamServer,
-                                 TransferCancelled, new_token, pump, ssh_sink, ssh_source)
+from imgstorage.transfer import (CHUNK, Progress, SocketSink, SocketSource, StreamServer,
+                                 TransferCancelled, frames, new_token, pump, ssh_sink,
+                                 ssh_source)
 
 PAYLOAD = bytes(range(256)) * 4096 * 3          # 3 MiB
 
@@ -211,7 +211,7 @@ def test_throttle_holds_the_average_rate_without_a_burst_at_start():
     assert 1.8 <= elapsed <= 2.6, elapsed
     # At no moment ahead of the limit by more than one chunk.
     for at, total in writes:
-        assert total <= rate * at + transfer.CHUNK, (at, total)
+        assert total <= rate * at + CHUNK, (at, total)
     assert sink.data == data
 
 
@@ -359,7 +359,7 @@ def test_idle_and_wrong_token_strangers_never_hold_up_the_peer():
         with pytest.raises(DriverError, match="refused the connection"):
             SocketSink.connect("127.0.0.1", server.port, new_token(), io_timeout=30)
     half = _idle(server.port)
-    half.sendall(transfer._hello(token)[:20])        # part of the right hello, never the rest
+    half.sendall(frames.hello(token)[:20])           # part of the right hello, never the rest
     assert all(_still_open(sock) for sock in idle + [half])   # all still held open...
     client = SocketSink.connect("127.0.0.1", server.port, token, io_timeout=30)  # ...meanwhile
     pump(MemorySource(PAYLOAD), client)
@@ -540,13 +540,13 @@ def raw_server(behaviour: Callable[[socket.socket], None]):
     return server, token, in_thread(serve)
 
 
-@pytest.mark.parametrize("frames", [
-    transfer._FRAME.pack(b"D", 1000) + b"x" * 400,                  # cut inside a frame
-    transfer._FRAME.pack(b"D", 5) + b"hello",                       # no end frame
-    transfer._FRAME.pack(b"D", 5) + b"hello" + b"\x00\x00",         # cut inside a header
+@pytest.mark.parametrize("raw", [
+    frames.FRAME.pack(b"D", 1000) + b"x" * 400,                     # cut inside a frame
+    frames.FRAME.pack(b"D", 5) + b"hello",                          # no end frame
+    frames.FRAME.pack(b"D", 5) + b"hello" + b"\x00\x00",            # cut inside a header
 ])
-def test_truncated_pull_is_detected(frames):
-    server, token, outcome = raw_server(lambda conn: conn.sendall(frames))
+def test_truncated_pull_is_detected(raw):
+    server, token, outcome = raw_server(lambda conn: conn.sendall(raw))
     client = SocketSource.connect("127.0.0.1", server.port, token)
     sink = MemorySink()
     with pytest.raises(DriverError, match="ended early"):
@@ -557,7 +557,7 @@ def test_truncated_pull_is_detected(frames):
 
 def test_garbled_pull_is_refused():
     server, token, outcome = raw_server(
-        lambda conn: conn.sendall(transfer._FRAME.pack(b"Q", 3) + b"abc"))
+        lambda conn: conn.sendall(frames.FRAME.pack(b"Q", 3) + b"abc"))
     client = SocketSource.connect("127.0.0.1", server.port, token)
     with pytest.raises(DriverError, match="garbled"):
         pump(client, MemorySink())

@@ -19,6 +19,10 @@ out.  Blocks land in a hidden staging volume next to the destination
   frees through the zvol's one write path (so that snapshot keeps its
   content), and takes the snapshot with the sender's guid.
 
+The staging is the receiver's alone and holds no snapshot, so the receiver
+writes it directly, each run of neighbouring blocks in one call, blocks of
+zeros left as the holes they are there.
+
 A refused, truncated, corrupt or aborted receive removes its staging folder
 and leaves the destination as it was.  Staging costs what the stream carries,
 never a read of the destination.  A receiver killed midway cannot clean up,
@@ -74,7 +78,7 @@ from ...errors import DriverError, NotResumableError, ValidationError
 from . import state, stream
 from .snapshots import (DATA, META, SNAPSHOTS, VOLBLOCKSIZE, NoSuchVolume, Volume,
                         snapshot_name)
-from .sparse import pread_all, punch_hole
+from .sparse import is_zero, pread_all, punch_hole, pwritev_all
 
 READ_BATCH = 32                       # blocks read per hold of the lock: 4 MiB
 APPLY_RUN = 64                        # blocks applied per write: 8 MiB
@@ -454,8 +458,9 @@ class SendSource:
         if 0 < n <= len(self._pending):                   # served from one piece: one copy
             piece, self._pending = self._pending[:n], self._pending[n:]
             return piece.tobytes()
-        out = bytearray()
-        while n < 0 or len(out) < n:
+        parts: List[memoryview] = []
+        got = 0
+        while n < 0 or got < n:
             if not self._pending:
                 if self._finished:
                     break
@@ -471,10 +476,11 @@ class SendSource:
                     self._failure = DriverError(f"cannot send '{self.volume.label}@"
                                                 f"{self.plan.header.name}': {exc}")
                     raise self._failure from None
-            take = len(self._pending) if n < 0 else min(n - len(out), len(self._pending))
-            out += self._pending[:take]
+            take = len(self._pending) if n < 0 else min(n - got, len(self._pending))
+            parts.append(self._pending[:take])
+            got += take
             self._pending = self._pending[take:]
-        return bytes(out)
+        return b"".join(parts)                            # the one copy of these bytes
 
     def close(self) -> None:
         """Closing before the end simply stops the producer; only a failed one is an error."""
@@ -484,6 +490,65 @@ class SendSource:
 
     def abort(self) -> None:
         self._pieces.close()
+
+
+class _StageWriter:
+    """Blocks into a receive's staging, a run per system call, then the journal entries for them.
+
+    The staging is this receive's alone (a pid-named folder, or the
+    resumable one under this receiver's flock) and has no snapshot, so the
+    zvol's write path (the host's lock, copy-on-write, a look for zeros
+    after each write) has nothing to do there.  A block of zeros is not
+    written: the staging is a hole there (fresh, or punched from the resume
+    block on), as the volume keeps it.  Journal entries wait in memory
+    until :meth:`flush` has written the data they vouch for.
+    """
+
+    def __init__(self, path: Path, block: int, journal: Optional[IO[bytes]]) -> None:
+        self._fd: Optional[int] = os.open(path, os.O_WRONLY)
+        self._block = block
+        self._journal = journal
+        self._first = 0                                   # the block the run starts at
+        self._run: List[Union[bytes, memoryview]] = []
+        self._entries = bytearray()
+
+    def data(self, block: int, payload: Union[bytes, memoryview]) -> None:
+        if self._run and (block != self._first + len(self._run) or len(self._run) >= APPLY_RUN):
+            self._write_run()
+        if not is_zero(payload):
+            if not self._run:
+                self._first = block
+            self._run.append(payload)
+        self._log(_J_DATA, block, 1)
+
+    def free(self, first: int, count: int) -> None:
+        self._log(_J_FREE, first, count)
+
+    def _log(self, kind: int, first: int, count: int) -> None:
+        if self._journal is not None:
+            self._entries += _ENTRY.pack(kind, first, count)
+
+    def _write_run(self) -> None:
+        if self._run:
+            assert self._fd is not None
+            pwritev_all(self._fd, self._run, self._first * self._block)
+            self._run = []
+
+    def flush(self) -> None:
+        """The data first, then its journal entries: a kill in between only means a resend."""
+        self._write_run()
+        if self._entries and self._journal is not None:
+            entries = bytes(self._entries)
+            self._entries.clear()
+            if self._journal.write(entries) != len(entries):
+                raise OSError(errno.EIO, "short write to the receive journal")
+
+    def close(self) -> None:
+        self._run = []
+        self._entries.clear()
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
 
 class ReceiveSink:
@@ -512,6 +577,7 @@ class ReceiveSink:
         self._stage: Optional[Volume] = None
         self._journal: Optional[IO[bytes]] = None     # set while the stage is the resumable one
         self._receiver: Optional[IO[bytes]] = None    # its flock marks the staging as in use
+        self._writer: Optional[_StageWriter] = None   # None: through the stage's write path
         self._written: List[int] = []
         self._frees: List[Tuple[int, int]] = []
         self._failure: Optional[DriverError] = None
@@ -542,6 +608,8 @@ class ReceiveSink:
         try:
             for event in self._decoder.feed(data):
                 self._handle(event)
+            if self._writer is not None:
+                self._writer.flush()
         except stream.StreamError as exc:
             self._fail(DriverError(f"{self._prefix()}: {exc}"))
         except DriverError as exc:
@@ -568,15 +636,23 @@ class ReceiveSink:
                 else:
                     self._check(h)
                     self._stage = self._make_stage(h)
+                if not self._stage.snapshots():          # one left by a receiver killed at commit
+                    self._writer = _StageWriter(self._stage.data, h.volblocksize, self._journal)
         elif kind == "data":
             assert self._stage is not None and self.header is not None
             block = event[1]
-            self._stage.write(block * self.header.volblocksize, event[2])
             self._written.append(block)
+            if self._writer is not None:
+                self._writer.data(block, event[2])
+                return
+            self._stage.write(block * self.header.volblocksize, event[2])
             self._log(_J_DATA, block, 1)                 # after the data: a kill resends it
         elif kind == "free":
             self._frees.append((event[1], event[2]))
-            self._log(_J_FREE, event[1], event[2])
+            if self._writer is not None:
+                self._writer.free(event[1], event[2])
+            else:
+                self._log(_J_FREE, event[1], event[2])
 
     def _log(self, kind: int, first: int, count: int) -> None:
         if self._journal is not None:
@@ -701,6 +777,7 @@ class ReceiveSink:
         self._closed = True
         keep = False
         try:
+            self._close_writer()                           # every write flushed its own
             if self._failure is not None:
                 raise self._failure
             try:
@@ -735,8 +812,14 @@ class ReceiveSink:
         except Exception:                                   # never raises, as promised
             pass
 
+    def _close_writer(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+
     def _release(self) -> None:
         """Leave the staging as it is, for a resume stream to continue."""
+        self._close_writer()
         self._stage = None
         if self._journal is not None:
             self._journal.close()

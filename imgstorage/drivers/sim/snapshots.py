@@ -40,7 +40,8 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ContextManager, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import (Any, ContextManager, Iterable, Iterator, List, Optional, Sequence, Set,
+                    Tuple, Union)
 
 from ...errors import DriverError, ValidationError
 from . import state
@@ -95,6 +96,15 @@ def _copy_kept(kept: Path, dest: Path, blocks, block: int) -> None:
     finally:
         os.close(src)
         os.close(dst)
+
+
+def _consecutive(blocks: Sequence[int]) -> Iterator[Tuple[int, int]]:
+    """``(first, count)`` of each run of consecutive block numbers, in the order given."""
+    start = 0
+    for i in range(1, len(blocks) + 1):
+        if i == len(blocks) or blocks[i] != blocks[i - 1] + 1:
+            yield blocks[start], i - start
+            start = i
 
 
 # --------------------------------------------------------------- volumes
@@ -440,17 +450,28 @@ class Volume:
                 out += read_range(path, lo, hi - lo)
             return bytes(out)
 
-    def read_blocks(self, name: str, guid: int, blocks: Sequence[int]) -> List[bytes]:
-        """Whole blocks of a snapshot that must still be the same one (a send in progress)."""
+    def read_blocks(self, name: str, guid: int,
+                    blocks: Sequence[int]) -> List[Union[bytes, memoryview]]:
+        """Whole blocks of a snapshot that must still be the same one (a send in progress).
+
+        Neighbouring blocks kept in the same file are read with one call.
+        """
         with self.lock():
             if not self.exists():
                 raise self._missing()
             snaps, index = self._find(name, guid)
             _, block = self.geometry()
-            out = []
-            for b in blocks:
-                (path,) = self._layers(snaps, index, b, b)
-                out.append(read_range(path, b * block, block))
+            out: List[Union[bytes, memoryview]] = []
+            for first, count in _consecutive(blocks):
+                layers = self._layers(snaps, index, first, first + count - 1)
+                i = 0
+                while i < count:
+                    j = i + 1
+                    while j < count and layers[j] == layers[i]:
+                        j += 1
+                    raw = memoryview(read_range(layers[i], (first + i) * block, (j - i) * block))
+                    out.extend(raw[k * block:(k + 1) * block] for k in range(j - i))
+                    i = j
             return out
 
     # ---------------------------------------------------- what a send needs

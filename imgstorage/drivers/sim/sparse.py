@@ -15,7 +15,7 @@ import functools
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -23,6 +23,7 @@ _NONZERO_RUN = re.compile(rb"[^\x00]+")
 # Bitmap bytes further apart than this are written separately, so marking two
 # distant blocks does not allocate the whole stretch of bitmap between them.
 _BITMAP_GAP = 512
+_PWRITEV = hasattr(os, "pwritev")
 
 
 @functools.lru_cache(maxsize=4)
@@ -49,6 +50,19 @@ def pwrite_all(fd: int, data: Union[bytes, bytearray, memoryview], offset: int) 
         done = os.pwrite(fd, view, offset)
         view = view[done:]
         offset += done
+
+
+def pwritev_all(fd: int, pieces: Sequence[Union[bytes, memoryview]], offset: int) -> None:
+    """Write ``pieces`` back to back from ``offset`` in one system call where the OS allows."""
+    total = sum(len(piece) for piece in pieces)
+    done = os.pwritev(fd, pieces, offset) if _PWRITEV else 0
+    if done < total:                                      # rare: a short write, or no pwritev
+        pwrite_all(fd, memoryview(b"".join(pieces))[done:], offset + done)
+
+
+def is_zero(data: Union[bytes, memoryview]) -> bool:
+    """Whether a block holds only zeros (kept as a hole): both ends first, as data rarely has."""
+    return (not data or not data[0] and not data[-1]) and bytes(data) == zeros(len(data))
 
 
 @functools.lru_cache(maxsize=1)

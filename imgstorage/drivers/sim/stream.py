@@ -48,10 +48,13 @@ everything before the resume block from the earlier streams.
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
+import threading
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Tuple, Union
+from typing import Iterator, List, Optional, Tuple, Union
 
 from ...errors import DriverError, ValidationError
 from .snapshots import snapshot_name
@@ -62,6 +65,8 @@ FLAG_INCREMENTAL = 0x1
 FLAG_RESUME = 0x2
 MAX_VOLSIZE = 1 << 50                 # 1 PiB, the largest size imgstorage accepts
 MAX_NAME = 255
+ASYNC_DIGEST = 256 * 1024             # bytes gathered before they go to a digest worker
+DIGEST_WORKERS = 4                    # such workers per process, shared by all receives
 
 _FIXED = struct.Struct("<8sHHIQQQ16sHH")
 _DATA = struct.Struct("<BQ")
@@ -120,6 +125,71 @@ def stream_size(header: Header, data_records: int, free_records: int) -> int:
     """The exact length of a stream, which is all ``send -nP`` needs to know."""
     return (header.size + data_records * (_DATA.size + header.volblocksize)
             + free_records * _FREE.size + _END.size + _DIGEST)
+
+
+class _Digest:
+    """A receiver's running SHA-256, computed on a worker thread a slice behind it.
+
+    hashlib lets go of the interpreter lock while it hashes a large buffer,
+    so a receiver stores a slice's blocks (the kernel copying them, without
+    the lock either) while the bytes before them are digested: on fresh data
+    the two take about as long as each other.  At most one update is in
+    flight, so the order of the bytes holds and the bytes waiting are
+    bounded.  What it is given must not change afterwards (bytes, or views
+    of bytes).  A sender hashes inline instead: what it does between two
+    hashes is mostly short Python, which would keep a worker waiting for
+    the lock at every hand-over.
+    """
+
+    _pool: Optional[ThreadPoolExecutor] = None
+    _pool_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self._queued: List[Union[bytes, memoryview]] = []
+        self._queued_size = 0
+        self._busy: Optional[Future[None]] = None
+
+    @classmethod
+    def _workers(cls) -> ThreadPoolExecutor:
+        with cls._pool_lock:
+            if cls._pool is None:
+                cls._pool = ThreadPoolExecutor(max_workers=DIGEST_WORKERS,
+                                               thread_name_prefix="sim-stream-digest")
+            return cls._pool
+
+    @classmethod
+    def _forget_workers(cls) -> None:
+        # A forked child has the pool object but none of its threads.
+        cls._pool = None
+        cls._pool_lock = threading.Lock()
+
+    def update(self, data: Union[bytes, memoryview]) -> None:
+        self._queued.append(data)
+        self._queued_size += len(data)
+        if self._queued_size >= ASYNC_DIGEST:
+            self._wait()
+            pieces, self._queued, self._queued_size = self._queued, [], 0
+            self._busy = self._workers().submit(self._update_all, pieces)
+
+    def _update_all(self, pieces: List[Union[bytes, memoryview]]) -> None:
+        for piece in pieces:
+            self._hash.update(piece)
+
+    def _wait(self) -> None:
+        busy, self._busy = self._busy, None
+        if busy is not None:
+            busy.result()
+
+    def digest(self) -> bytes:
+        self._wait()
+        self._update_all(self._queued)
+        self._queued, self._queued_size = [], 0
+        return self._hash.digest()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_Digest._forget_workers)
 
 
 class Encoder:
@@ -198,16 +268,20 @@ def _name(raw: bytes) -> str:
 class Decoder:
     """Turns a stream arriving in arbitrary slices into checked events.
 
-    Bytes are kept only until a whole record is there (one block at most), so
-    a stream of any size passes through in constant memory.
+    A slice is parsed where it lies: the payload of a DATA event is a
+    memoryview of the slice, never copied.  Only the start of a record
+    whose end has not arrived yet is kept (one block at most), so a stream
+    of any size passes through in constant memory.  Events come in stream
+    order; after a bad record, those before it come first and then the error.
     """
 
     def __init__(self) -> None:
         self.header: Optional[Header] = None
         self.done = False
         self.records = 0
-        self._digest = hashlib.sha256()
-        self._buf = bytearray()
+        self._digest = _Digest()
+        self._rest = bytearray()                         # a record still incomplete
+        self._need = 0                                   # its whole length, when known
         self._next = 0                                   # lowest block a record may name
 
     def feed(self, data: Union[bytes, bytearray, memoryview]) -> Iterator[Event]:
@@ -215,76 +289,97 @@ class Decoder:
             return
         if self.done:
             raise StreamError("invalid stream (data after the end record)")
-        self._buf += data
-        pos = 0
-        try:
-            while not self.done:
-                event, used = self._one(pos)
-                if event is None:
-                    break
-                pos += used
-                yield event
-            if self.done and pos < len(self._buf):
+        buf = bytes(data)                                # no copy of a bytes object
+        start = 0
+        if self._rest and not self._need:                # the header, still short: small
+            buf, self._rest = bytes(self._rest) + buf, bytearray()
+        elif self._rest:                                 # complete the record, copying only it
+            start = self._need - len(self._rest)
+            self._rest += buf[:start]
+            if len(self._rest) < self._need:
+                return
+            record, self._rest = bytes(self._rest), bytearray()
+            yield from self._parse(record, 0)
+            if start >= len(buf):
+                return
+            if self.done:
                 raise StreamError("invalid stream (data after the end record)")
-        finally:
-            del self._buf[:pos]
+        yield from self._parse(buf, start)
 
     def finish(self) -> None:
         """Called at the end of input: anything short of a valid END is an incomplete stream."""
         if not self.done:
             raise StreamError("checksum mismatch or incomplete stream")
 
-    def _take(self, pos: int, length: int) -> Optional[bytes]:
-        """``length`` bytes at ``pos`` if they are all there, copied once."""
-        if len(self._buf) - pos < length:
-            return None
-        with memoryview(self._buf) as view, view[pos:pos + length] as part:
-            return part.tobytes()
+    def _parse(self, buf: bytes, start: int) -> Iterator[Event]:
+        """The whole records of ``buf`` from ``start``, where a record (or the header) starts."""
+        view = memoryview(buf)
+        events: List[Event] = []
+        pos, need = start, 0
+        end: Optional[int] = None                        # where a whole END record starts
+        error: Optional[StreamError] = None
+        try:
+            while True:
+                if self.header is None:
+                    event, used = self._header(buf, pos)
+                elif pos < len(buf) and buf[pos] == END:
+                    used = _END.size + _DIGEST
+                    if len(buf) - pos >= used:
+                        end = pos
+                    event = None
+                else:
+                    event, used = self._record(buf, view, pos)
+                if event is None:
+                    need = used
+                    break
+                events.append(event)
+                pos += used
+        except StreamError as exc:
+            error = exc
+        self._digest.update(view[start:pos if end is None else end + _END.size])
+        yield from events
+        if error is not None:
+            raise error
+        if end is not None:
+            _, records = _END.unpack_from(buf, end)
+            if records != self.records or buf[end + _END.size:end + _END.size + _DIGEST] \
+                    != self._digest.digest():
+                raise StreamError("checksum mismatch or incomplete stream")
+            self.done = True
+            yield ("end",)
+            if end + _END.size + _DIGEST < len(buf):
+                raise StreamError("invalid stream (data after the end record)")
+            return
+        self._rest = bytearray(view[pos:])
+        self._need = need                                # 0 while in the header
 
-    def _one(self, pos: int) -> Tuple[Optional[Event], int]:
-        if self.header is None:
-            return self._header(pos)
-        head = self._take(pos, 1)
-        if head is None:
-            return None, 0
-        kind, h = head[0], self.header
+    def _record(self, buf: bytes, view: memoryview,
+                pos: int) -> Tuple[Optional[Event], int]:
+        """The DATA or FREE record at ``pos``; ``(None, its length)`` if it is not all there."""
+        if pos >= len(buf):
+            return None, 1
+        kind, h = buf[pos], self.header
+        assert h is not None
         if kind == DATA:
-            if len(self._buf) - pos < _DATA.size + h.volblocksize:
-                return None, 0
-            head = self._take(pos, _DATA.size)
-            _, block = _DATA.unpack(head)
+            size = _DATA.size + h.volblocksize
+            if len(buf) - pos < size:
+                return None, size
+            _, block = _DATA.unpack_from(buf, pos)
             self._place(block, 1)
-            payload = self._take(pos + _DATA.size, h.volblocksize)
-            self._count(head)
-            self._digest.update(payload)
-            return ("data", block, payload), _DATA.size + h.volblocksize
+            self.records += 1
+            return ("data", block, view[pos + _DATA.size:pos + size]), size
         if kind == FREE:
-            raw = self._take(pos, _FREE.size)
-            if raw is None:
-                return None, 0
-            _, first, count = _FREE.unpack(raw)
+            if len(buf) - pos < _FREE.size:
+                return None, _FREE.size
+            _, first, count = _FREE.unpack_from(buf, pos)
             if not h.incremental:
                 raise StreamError("invalid stream (FREE record in a full stream)")
             if count == 0:
                 raise StreamError("invalid stream (empty FREE record)")
             self._place(first, count)
-            self._count(raw)
-            return ("free", first, count), len(raw)
-        if kind == END:
-            raw = self._take(pos, _END.size + _DIGEST)
-            if raw is None:
-                return None, 0
-            _, records = _END.unpack_from(raw)
-            self._digest.update(raw[:_END.size])
-            if records != self.records or raw[_END.size:] != self._digest.digest():
-                raise StreamError("checksum mismatch or incomplete stream")
-            self.done = True
-            return ("end",), len(raw)
+            self.records += 1
+            return ("free", first, count), _FREE.size
         raise StreamError(f"invalid stream (unknown record type 0x{kind:02x})")
-
-    def _count(self, raw: bytes) -> None:
-        self._digest.update(raw)
-        self.records += 1
 
     def _place(self, first: int, count: int) -> None:
         assert self.header is not None
@@ -295,20 +390,21 @@ class Decoder:
                               "of the volume)")
         self._next = first + count
 
-    def _header(self, pos: int) -> Tuple[Optional[Event], int]:
-        available = len(self._buf) - pos
+    def _header(self, buf: bytes, pos: int) -> Tuple[Optional[Event], int]:
+        available = len(buf) - pos
         if available < _FIXED.size:
             # a wrong magic is worth reporting before the whole header is in
-            seen = bytes(self._buf[pos:pos + min(available, len(MAGIC))])
+            seen = buf[pos:pos + min(available, len(MAGIC))]
             if seen != MAGIC[:len(seen)]:
                 raise StreamError("invalid stream (bad magic number)")
             return None, 0
-        fixed = bytes(self._buf[pos:pos + _FIXED.size])
+        fixed = buf[pos:pos + _FIXED.size]
         partial, name_len, base_len = _check_header(fixed)
         extra = _RESUME.size if partial.resume is not None else 0
-        raw = self._take(pos + _FIXED.size, name_len + base_len + extra)
-        if raw is None:
+        size = _FIXED.size + name_len + base_len + extra
+        if available < size:
             return None, 0
+        raw = buf[pos + _FIXED.size:pos + size]
         name = _name(raw[:name_len])
         base = _name(raw[name_len:name_len + base_len]) if partial.incremental else None
         resume = None
@@ -318,8 +414,6 @@ class Decoder:
                 raise StreamError(f"invalid stream (resume block {resume} beyond the end "
                                   "of the volume)")
             self._next = resume                   # records before it were in earlier streams
-        self._digest.update(fixed)
-        self._digest.update(raw)
         self.header = Header(partial.volsize, partial.volblocksize, name, partial.to_guid,
                              base, partial.from_guid, partial.stream_id, resume)
-        return ("header", self.header), _FIXED.size + len(raw)
+        return ("header", self.header), size
