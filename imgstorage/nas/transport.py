@@ -87,7 +87,7 @@ class TcpTransport:
         size = _stream_size(reply)
         job.progress.total = size
         address, port, token = _endpoint(reply)
-        _move(job, rate, lambda: SocketSource.connect(address, port, token),
+        _move(job, rate, lambda: SocketSource.connect(address, port, token, rate=rate),
               lambda: self.svc.drivers.zfs.receive(row.zpool, row.zvol, resumable=True))
         return size
 

@@ -38,12 +38,51 @@ LINGER = 2.0               # drain the socket this long after an ERR status
 ACCEPT_SLICE = 0.5         # how often a waiting accept looks at the cancel event
 
 
+MIN_RECEIVE_BUFFER = 64 * 1024
+MAX_RECEIVE_BUFFER = 4 * 1024 * 1024
+
+
+def receive_buffer_for(rate: Optional[int]) -> Optional[int]:
+    """The socket receive buffer of a throttled reader: a quarter second at its rate.
+
+    Left to itself the kernel grows a receive buffer to tens of MiB (tcp_rmem),
+    so a reader throttled to a few hundred kB/s lets the sender put most of a
+    stream into kernel buffers and believe it has finished long before the data
+    arrived: the sender's progress and its end say nothing, and a sender killed
+    "in the middle" has in fact nothing left to send.  A bounded buffer keeps
+    the sender close to what the reader really took.  None (no rate): the
+    kernel's own tuning, fastest for an unthrottled stream.
+    """
+    if not rate:
+        return None
+    return max(MIN_RECEIVE_BUFFER, min(MAX_RECEIVE_BUFFER, int(rate) // 4))
+
+
+def _open(host: str, port: int, timeout: float, receive_buffer: Optional[int]) -> socket.socket:
+    """Connect as socket.create_connection does, setting the receive buffer first
+    (it must be set before the connection exists to bound the advertised window)."""
+    last: Optional[OSError] = None
+    for family, kind, proto, _name, address in socket.getaddrinfo(host, port,
+                                                                  type=socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            if receive_buffer:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+            sock.settimeout(timeout)
+            sock.connect(address)
+            return sock
+        except OSError as exc:
+            close_quietly(sock)
+            last = exc
+    raise last or OSError(f"no address for {host}")
+
+
 def _connect(host: str, port: int, token: str, connect_timeout: float,
-             io_timeout: float) -> Tuple[socket.socket, str]:
+             io_timeout: float, receive_buffer: Optional[int] = None) -> Tuple[socket.socket, str]:
     peer = f"{host}:{port}"
     greeting = hello(token)
     try:
-        sock = socket.create_connection((host, port), timeout=connect_timeout)
+        sock = _open(host, port, connect_timeout, receive_buffer)
     except socket.timeout:
         raise DriverError(f"timed out connecting to the stream server at {peer}") from None
     except OSError as exc:
@@ -175,8 +214,11 @@ class SocketSource:
     @classmethod
     def connect(cls, host: str, port: int, token: str, *,
                 connect_timeout: float = CONNECT_TIMEOUT,
-                io_timeout: float = IO_TIMEOUT) -> "SocketSource":
-        sock, peer = _connect(host, port, token, connect_timeout, io_timeout)
+                io_timeout: float = IO_TIMEOUT,
+                rate: Optional[int] = None) -> "SocketSource":
+        """``rate``: the reader's limit in bytes/s, which bounds the receive buffer."""
+        sock, peer = _connect(host, port, token, connect_timeout, io_timeout,
+                              receive_buffer_for(rate))
         return cls(sock, peer)
 
     @property

@@ -21,6 +21,7 @@ from imgstorage.runner import Runner
 from imgstorage.transfer import (CHUNK, Progress, SocketSink, SocketSource, StreamServer,
                                  TransferCancelled, frames, new_token, pump, ssh_sink,
                                  ssh_source)
+from imgstorage.transfer.tcp import receive_buffer_for
 
 PAYLOAD = bytes(range(256)) * 4096 * 3          # 3 MiB
 
@@ -433,6 +434,23 @@ def test_pull_round_trip_reads_the_served_stream():
     result, error = outcome()
     assert error is None and result == len(PAYLOAD)
     assert sink.committed and sink.data == PAYLOAD and served.closed
+
+
+def test_a_throttled_reader_bounds_its_receive_buffer():
+    """A reader limited to 800 kB/s asks the kernel for a quarter second of buffer, not
+    the tens of MiB Linux would grow it to (the sender would 'finish' far ahead)."""
+    assert receive_buffer_for(None) is None and receive_buffer_for(0) is None
+    assert receive_buffer_for(800_000) == 200_000
+    assert receive_buffer_for(1000) == 64 * 1024
+    assert receive_buffer_for(10 ** 10) == 4 * 1024 * 1024
+    server, token = open_server()
+    outcome = in_thread(lambda: server.serve_from(MemorySource(PAYLOAD)))
+    client = SocketSource.connect("127.0.0.1", server.port, token, rate=800_000)
+    granted = client.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    assert 200_000 <= granted <= 2 * 200_000          # Linux reports twice what was asked
+    sink = MemorySink()
+    assert pump(client, sink) == len(PAYLOAD) and sink.data == PAYLOAD
+    assert outcome()[1] is None
 
 
 def test_wrong_token_is_refused_and_the_right_one_still_gets_in():
