@@ -79,6 +79,12 @@ class NasClient(NodeClient):
         return self._request("ping", timeout)
 
     # -- notifications from a container ---------------------------------------
+    def kept_dropped(self, zvol: str, *, host: str, snapshot: str,
+                     timeout: Optional[float] = None) -> None:
+        """A container destroyed the copy it kept of ``zvol`` as of ``snapshot``: the NAS
+        may let go of its own hold on that snapshot.  No reply comes."""
+        self._notify("kept_dropped", timeout, zvol=zvol, host=host, snapshot=snapshot)
+
     def zvol_synced(self, zvol: str, *, ok: bool, error: Optional[str] = None,
                     timeout: Optional[float] = None) -> None:
         """The container's report that a merge finished (or failed): no reply comes."""
