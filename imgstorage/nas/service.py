@@ -35,6 +35,7 @@ RpcFactory = Callable[[], ContextManager[RpcClient]]
 class NasService:
     def __init__(self, config: Config, store: NasStore, drivers: NodeDrivers,
                  rpc_factory: Optional[RpcFactory] = None):
+        from .kept import KeptCopies
         from .sync import SyncManager
         from .transport import make_transport
         self.config = config
@@ -43,6 +44,7 @@ class NasService:
         self.rpc_factory = rpc_factory or (lambda: RpcClient(config))
         self.sync = SyncManager(self, config.img_sync_workers)
         self.transport = make_transport(config, self)
+        self.kept = KeptCopies(self)
 
     def container(self, host: str, rpc=None) -> VmClient:
         """``host``'s daemon; a connection per request unless ``rpc`` is one to share."""
@@ -59,7 +61,8 @@ class NasService:
 
     # -- map ----------------------------------------------------------------
     def map_zvol(self, zvol: str, zpool: str, remotehost: str, size_gb: int,
-                 remotepool: Optional[str], sync: bool, timeout: float) -> Dict:
+                 remotepool: Optional[str], sync: bool, timeout: float,
+                 keep_local: bool = False) -> Dict:
         row = self.store.get(zvol)
         if row is not None:
             if row.zpool != zpool:
@@ -103,7 +106,8 @@ class NasService:
         self.store.transition(zvol, Event.MAP, remotehost=remotehost, remotepool=remotepool,
                               sync=sync, iscsi_target=target, size_bytes=size_bytes,
                               chap_user=chap.userid if chap else None,
-                              chap_secret=chap.password if chap else None, last_error=None)
+                              chap_secret=chap.password if chap else None, last_error=None,
+                              keep_local=keep_local if sync else None)
         target_made = False
         asked = False               # the container may have attached (no refusal came back)
         try:
@@ -136,6 +140,8 @@ class NasService:
                  time.monotonic() - started, "; NAS->VM copy queued" if sync else "")
         if sync:
             self.sync.wake()
+        else:
+            self.kept.forget(zvol, remotehost)     # a direct map: the container let it go
         return {"bdev": bdev, "target": target}
 
     def _ask_map(self, there: VmClient, zvol: str, target: str, size_gb: int,
@@ -279,6 +285,7 @@ class NasService:
             raise StateError(f"Error deleting zvol {zvol}: is mapped")
         self.store.transition(zvol, Event.DELETE)
         try:
+            self.kept.remove_all(zvol)
             if self.drivers.zfs.get_zvol(zpool, zvol) is not None:
                 syncsnaps.let_go(self.drivers.zfs, zpool, zvol)
                 self.drivers.zfs.destroy(zpool, zvol, recursive=True)
@@ -347,6 +354,7 @@ class NasService:
                         self.store.transition(row.zvol, Event.FAILED)
             except ImgStorageError as exc:
                 log.error("could not recover zvol %s (%s): %s", row.zvol, row.state, exc)
+        self.kept.recover()
 
     def _recover_unmap(self, row) -> None:
         """An unmap the daemon died in: finish it if the container finished its part.
@@ -364,7 +372,8 @@ class NasService:
             self._delete_target(row.iscsi_target)
             self.store.transition(row.zvol, Event.DETACHED_LOCAL, iscsi_target=None,
                                   retry_at=None, failures=0, last_error=None)
-        elif there is None and row.prior_state in (State.MAPPED.value, State.UPLOADING.value):
+        elif there in (None, ContainerState.KEPT.value) \
+                and row.prior_state in (State.MAPPED.value, State.UPLOADING.value):
             log.warning("zvol %s was being unmapped when the daemon stopped; %s had finished "
                         "(its writes are on the NAS): unmapped", row.zvol, row.remotehost)
             self._delete_target(row.iscsi_target)

@@ -229,7 +229,7 @@ class NoStream:
     def __init__(self) -> None:
         self.uploads = []
 
-    def upload(self, row, open_source, job, rate) -> None:
+    def upload(self, row, open_source, job, rate, base=None) -> None:
         self.uploads.append(row.zvol)
 
 
