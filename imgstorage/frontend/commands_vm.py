@@ -205,8 +205,10 @@ def remove_host_vm_nas(inv: Invocation) -> None:
     args=(Arg("VM", "the VMs", many=True),),
     description="For a disk on a NAS the zvol VM-vol is mapped to the VM's container; the "
                 "container's img_sync attribute chooses direct iSCSI (false) or a local "
-                "synchronised copy in its vm_container_zpool (true). If the boot fails, the "
-                "zvol is unmapped again.",
+                "synchronised copy in its vm_container_zpool (true); with img_keep_local "
+                "true the container keeps that copy after the VM stops, and the next start "
+                "there copies only what changed. If the boot fails, the zvol is unmapped "
+                "again.",
     example="rocks start host vm compute-0-14-0\n"
             "nas-0-0:compute-0-14-0-vol mapped to vm-container-0-14:"
             "/dev/mapper/compute-0-14-0-vol-snap")
@@ -234,6 +236,7 @@ def start_vm(inv: Invocation, vm: Host) -> None:
     nas = disk.nas.name
     zvol = naming.volume_for_vm(vm.name)
     sync = inv.registry.attr_bool(container, "img_sync")
+    keep_local = sync and inv.registry.attr_bool(container, "img_keep_local")
     remotepool = inv.registry.attr(container, "vm_container_zpool") or None
     if remotepool is not None:
         try:
@@ -245,7 +248,8 @@ def start_vm(inv: Invocation, vm: Host) -> None:
         raise ValidationError(f"img_sync is true for {container} but its vm_container_zpool "
                               f"attribute is not set")
     bdev = nas_client(inv, nas).map_zvol(zvol, zpool=disk.zpool, remotehost=container,
-                                         remotepool=remotepool, size=disk.size_gb, sync=sync)
+                                         remotepool=remotepool, size=disk.size_gb, sync=sync,
+                                         keep_local=keep_local)
     if bdev is None:
         note = _unmap_after_failure(inv, nas, zvol)
         raise StateError(f"{nas} mapped {zvol} but did not say which device it became; {note}")
