@@ -59,12 +59,15 @@ def build(service: NasService) -> Dict[str, object]:
         with locked(env, zvol):
             out = service.map_zvol(zvol, zpool, remotehost, size, remotepool, sync,
                                    env.budget(default_timeout), keep_local=keep_local)
+        # the copy starts now, not at the scheduler's next look: it skips a held zvol
+        service.sync.wake()
         return protocol.success("map_zvol", **out)
 
     def unmap_zvol(env: Envelope) -> dict:
         zvol = field(env.body, "zvol", naming.zvol_name)
         with locked(env, zvol):
             service.unmap_zvol(zvol, env.budget(default_timeout))
+        service.sync.wake()          # the final pull, if any, without waiting for a tick
         return protocol.success("unmap_zvol", zvol=zvol)
 
     def del_zvol(env: Envelope) -> dict:

@@ -103,6 +103,7 @@ class NasService:
         target = naming.target_iqn(self.name, zvol)
         chap = self._new_chap() if self.config.chap else None
         started = time.monotonic()
+        self.sync.early_reports.discard(zvol)      # a report of an earlier mapping
         self.store.transition(zvol, Event.MAP, remotehost=remotehost, remotepool=remotepool,
                               sync=sync, iscsi_target=target, size_bytes=size_bytes,
                               chap_user=chap.userid if chap else None,
@@ -260,6 +261,15 @@ class NasService:
             log.error("container %s could not merge %s: %s", row.remotehost, zvol, error)
             self.store.update(zvol, last_error=f"merge failed: {error}"[:1000])
             return
+        if row.state == State.UPLOADING.value:
+            # The container merged before this NAS recorded the copy's arrival (an empty
+            # temp-write store merges at once): kept for that record, not lost.
+            self.sync.early_reports.add(zvol)
+            row = self.store.require(zvol)
+            if row.state == State.UPLOADING.value:
+                log.info("zvol %s: merge report ahead of the copy's record; kept for it", zvol)
+                return
+            self.sync.early_reports.discard(zvol)
         if row.state != State.MERGING.value:
             log.info("zvol %s: merge report ignored in state %s", zvol, row.state)
             return
@@ -271,9 +281,10 @@ class NasService:
         except StateError as exc:
             log.info("zvol %s: merge report ignored (%s)", zvol, exc)
             return
-        self.store.set_zvol_attrs(zvol, self.sync.pulled(zvol))
         if row.iscsi_target:
+            # first: the row no longer names it, so nothing else would ever remove it
             self._delete_target(row.iscsi_target)
+        self.store.set_zvol_attrs(zvol, self.sync.pulled(zvol))
         log.info("zvol %s runs from its local copy on %s", zvol, row.remotehost)
 
     # -- delete -------------------------------------------------------------

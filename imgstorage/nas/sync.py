@@ -73,6 +73,8 @@ class SyncManager:
         self._wake = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._merge_checked: Dict[str, float] = {}
+        # merge reports that arrived before the copy's arrival was recorded here
+        self.early_reports: Set[str] = set()
         self._resuming: Set[str] = set()                # last attempt was a resume
         self._resume_failures: Dict[str, int] = {}
 
@@ -323,8 +325,12 @@ class SyncManager:
         # restarted daemon must still recognise the copy as this one.
         self.store.transition(row.zvol, Event.UPLOADED, transfer_snapshot=None, failures=0,
                               retry_at=None, last_error=None)
+        self._merge_checked.pop(row.zvol, None)     # this merge is checked from its start
         self.service.kept.handed_over(row)
         log.info("zvol %s: the container merges the VM's writes into the copy", row.zvol)
+        if row.zvol in self.early_reports:
+            self.early_reports.discard(row.zvol)
+            self.service.zvol_synced(row.zvol, True, None)
         if there == There.LOCAL.value:
             self.service.zvol_synced(row.zvol, True, None)
 
