@@ -73,6 +73,7 @@ class ContainerState(str, Enum):
     FLUSHING = "flushing"
     FLUSHED = "flushed"
     DETACHED_LOCAL = "detached_local"
+    KEPT = "kept"
     BROKEN = "broken"
 
 

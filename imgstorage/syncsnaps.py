@@ -5,7 +5,14 @@ incremental stream builds on (the *base*).  Losing it on either side would
 force a full copy, so it carries a hold (``zfs hold imgstorage``): neither an
 operator's stray ``zfs destroy`` nor our own trimming can take it.  The hold
 moves to the new base once the next transfer has arrived.  Older snapshots
-of ours are trimmed to the newest few; nobody else's are ever touched.
+of ours are trimmed to the newest few; a held one (by us or anyone) and
+nobody else's are ever touched.
+
+A container that keeps its copy after the VM stopped (``img_keep_local``)
+keeps one snapshot of it, the one the final pull delivered; the NAS holds its
+own snapshot of that name with a second tag (``KEPT_TAG``), so that the next
+start on that container can send only what changed since, even when the VM
+ran elsewhere in between and the sync's own holds moved on.
 """
 from __future__ import annotations
 
@@ -14,7 +21,7 @@ import secrets
 import time
 from typing import Iterable, List
 
-from .drivers.base import HOLD_TAG, ZfsDriver
+from .drivers.base import HOLD_TAG, KEPT_TAG, ZfsDriver
 from .errors import ImgStorageError
 
 log = logging.getLogger(__name__)
@@ -45,10 +52,14 @@ def hold_only(zfs: ZfsDriver, pool: str, zvol: str, keep: Iterable[str]) -> None
 
 def trim(zfs: ZfsDriver, pool: str, zvol: str, keep: Iterable[str],
          count: int = KEEP_SNAPSHOTS) -> None:
-    """Destroy our snapshots beyond the newest ``count``, except ``keep`` and held ones."""
+    """Destroy our snapshots beyond the newest ``count``, except ``keep`` and held ones.
+
+    Any hold counts, not only ours: a kept copy's base carries ``KEPT_TAG``,
+    and an administrator's hold means the same as ours.
+    """
     keep = set(keep)
-    for snap in ours(zfs, pool, zvol)[:-count]:
-        if snap in keep or HOLD_TAG in zfs.holds(pool, zvol, snap):
+    for snap in ours(zfs, pool, zvol)[:-count] if count > 0 else ours(zfs, pool, zvol):
+        if snap in keep or zfs.holds(pool, zvol, snap):
             continue
         try:
             zfs.destroy_snapshot(pool, zvol, snap)
@@ -72,4 +83,12 @@ def let_go(zfs: ZfsDriver, pool: str, zvol: str) -> None:
     if zfs.get_zvol(pool, zvol) is None:
         return
     for snap in ours(zfs, pool, zvol):
-        zfs.release(pool, zvol, snap, HOLD_TAG)
+        for tag in (HOLD_TAG, KEPT_TAG):
+            zfs.release(pool, zvol, snap, tag)
+
+
+def keep_only(zfs: ZfsDriver, pool: str, zvol: str, snap: str) -> None:
+    """A copy kept after the VM stopped needs one snapshot, its base: hold it, drop ours
+    that are not held (the rest only take space until the copy is used again)."""
+    hold_only(zfs, pool, zvol, {snap})
+    trim(zfs, pool, zvol, {snap}, count=0)

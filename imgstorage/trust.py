@@ -31,8 +31,9 @@ target must name the zvol's own (the row's; with no row, the sender's target
 for that zvol), so that an owner of one zvol cannot log out of another's.
 
 A NAS (strict mode): ``ping`` is open; a container's notifications are taken
-only from the container the zvol is mapped to (the row's ``remotehost``);
-everything else, listings included, only from an administrator.
+only from the container the zvol is mapped to (the row's ``remotehost``),
+and its report of a kept copy destroyed only about its own copy; everything
+else, listings included, only from an administrator.
 """
 from __future__ import annotations
 
@@ -130,7 +131,7 @@ def map_as(config: Config, user: Optional[str], nas_node: Optional[str]) -> Opti
 
 # -- the NAS -----------------------------------------------------------------
 NAS_OPEN = frozenset({"ping"})
-NOTIFICATIONS = frozenset({"zvol_synced"})
+NOTIFICATIONS = frozenset({"zvol_synced", "kept_dropped"})
 
 
 def nas_refusal(config: Config, user: Optional[str], action: str) -> Optional[str]:
@@ -155,6 +156,17 @@ def notification_refusal(config: Config, user: Optional[str],
         return "the zvol is mapped to no container here"
     if user != remotehost:
         return f"the zvol is mapped to {remotehost}, not to the sender"
+    return None
+
+
+def kept_refusal(config: Config, user: Optional[str], host: str) -> Optional[str]:
+    """A container reports only on the copies it kept itself (``host``: the one named)."""
+    if not config.strict:
+        return None
+    if user and user in (config.admin_users or ()):
+        return None
+    if user != host:
+        return f"it reports for {host}, not for itself"
     return None
 
 

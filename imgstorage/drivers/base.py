@@ -13,6 +13,10 @@ from typing import List, Optional, Protocol, runtime_checkable
 
 # --------------------------------------------------------------------- ZFS
 HOLD_TAG = "imgstorage"        # the tag of the holds imgstorage puts on its snapshots
+# The tag on a NAS snapshot that a container's kept copy (``img_keep_local``) is
+# the same as: the base of that container's next start, kept apart from the
+# sync's own holds, which move with every transfer.
+KEPT_TAG = "imgstorage-kept"
 
 @dataclass(frozen=True)
 class ZvolInfo:
@@ -76,6 +80,13 @@ class ZfsDriver(Protocol):
     def hold(self, pool: str, zvol: str, snap: str, tag: str = HOLD_TAG) -> None: ...     # idempotent
     def release(self, pool: str, zvol: str, snap: str, tag: str = HOLD_TAG) -> None: ...  # idempotent
     def holds(self, pool: str, zvol: str, snap: str) -> List[str]: ...   # the tags on it
+    # Kept copies (``img_keep_local``): a snapshot's identity, which a received
+    # snapshot shares with the one it was sent from, and going back to one.
+    def snapshot_guid(self, pool: str, zvol: str, snap: str) -> int: ...
+    # ``zfs rollback [-r]``: the zvol becomes ``snap`` again; ``recursive``
+    # destroys the snapshots taken after it (held ones refuse).
+    def rollback(self, pool: str, zvol: str, snap: str, recursive: bool = False) -> None: ...
+    def pool_available(self, pool: str) -> int: ...     # bytes a new thick zvol may take
 
 
 # ------------------------------------------------------------ iSCSI target

@@ -701,6 +701,40 @@ class ZfsCli:
             self._snapshot_error(argv, result)
         return parse_holds(result.stdout, full)
 
+    # ------------------------------------------------------- kept copies
+    def snapshot_guid(self, pool: str, zvol: str, snap: str) -> int:
+        """``zfs get guid`` of a snapshot: equal on two hosts only when one was received
+        from the other, which is what lets an incremental stream build on it."""
+        full = f"{pool}/{zvol}@{snap}"
+        argv = ["zfs", "get", "-Hp", "-o", "value", "guid", full]
+        result = self.runner.run(argv, check=False)
+        if result.returncode != 0:
+            self._snapshot_error(argv, result)
+        value = result.stdout.strip()
+        if not value.isdigit():
+            raise DriverError(f"`{' '.join(argv)}` printed no guid: {value[:80]!r}")
+        return int(value)
+
+    def rollback(self, pool: str, zvol: str, snap: str, recursive: bool = False) -> None:
+        """``zfs rollback [-r]``: the zvol's data becomes the snapshot's again."""
+        argv = ["zfs", "rollback"] + (["-r"] if recursive else []) + [f"{pool}/{zvol}@{snap}"]
+        result = self.runner.run(argv, check=False)
+        if result.returncode != 0:
+            self._snapshot_error(argv, result)
+
+    def pool_available(self, pool: str) -> int:
+        """``zfs get available`` of the pool's root: what a new thick zvol may reserve."""
+        argv = ["zfs", "get", "-Hp", "-o", "value", "available", pool]
+        result = self.runner.run(argv, check=False)
+        if result.returncode != 0:
+            if _missing(result.stderr):
+                raise NotFoundError(_missing_line(result.stderr))
+            raise CommandError(argv, result.returncode, result.stderr, result.stdout)
+        value = result.stdout.strip()
+        if not value.isdigit():
+            raise DriverError(f"`{' '.join(argv)}` printed no size: {value[:80]!r}")
+        return int(value)
+
     @staticmethod
     def _snapshot_error(argv: List[str], result) -> None:
         """A missing snapshot (or zvol) is NotFoundError in zfs's words; the rest as is."""

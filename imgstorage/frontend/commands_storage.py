@@ -49,7 +49,10 @@ def vm_client(inv: Invocation, host: str) -> VmClient:
     params=(Param("img_sync", "BOOL", "copy the zvol to REMOTEHOST (default: REMOTEHOST's "
                   "img_sync attribute, else false)"),
             Param("remotepool", "POOL", "the zpool on REMOTEHOST for the copy (default: its "
-                  "vm_container_zpool attribute); required when img_sync is true")),
+                  "vm_container_zpool attribute); required when img_sync is true"),
+            Param("img_keep_local", "BOOL", "REMOTEHOST keeps its copy after the unmap, as the "
+                  "base of the next sync map there (default: REMOTEHOST's img_keep_local "
+                  "attribute, else false); only with img_sync")),
     description="The zvol is created when missing. Prints the block device that "
                 "REMOTEHOST now has.",
     example="rocks add host storagemap nas-0-0 tank vol1 compute-0-3 10\n"
@@ -64,6 +67,11 @@ def add_host_storagemap(inv: Invocation) -> None:
     sync = bool_param(inv, "img_sync")
     if sync is None:
         sync = inv.registry.attr_bool(remote, "img_sync")
+    keep_local = bool_param(inv, "img_keep_local")
+    if keep_local and not sync:
+        raise ValidationError("img_keep_local keeps a synced copy: it needs img_sync=true")
+    if keep_local is None:
+        keep_local = sync and inv.registry.attr_bool(remote, "img_keep_local")
     remotepool = inv.param("remotepool")
     if remotepool is not None:
         remotepool = naming.zpool_name(remotepool)
@@ -74,7 +82,8 @@ def add_host_storagemap(inv: Invocation) -> None:
         naming.zpool_name(remotepool)
     inv.echo(f"mapping  {nas} : {zpool} / {zvol}  on  {remote.name}")
     bdev = nas_client(inv, nas).map_zvol(zvol, zpool=zpool, remotehost=remote.name,
-                                         remotepool=remotepool, size=size, sync=sync)
+                                         remotepool=remotepool, size=size, sync=sync,
+                                         keep_local=keep_local)
     if bdev is None:
         raise _malformed(nas, "reply (no block device)")
     inv.echo(bdev)
@@ -84,7 +93,8 @@ def add_host_storagemap(inv: Invocation) -> None:
     "remove host storagemap", "Unmap a zvol from the host it is mapped to.",
     args=(_NAS, Arg("VOLUME", "the zvol name")),
     description="A synced zvol is copied back to the NAS in the background "
-                "(STATE NAS<-VM in 'rocks list host storagemap').",
+                "(STATE NAS<-VM in 'rocks list host storagemap'); with img_keep_local the "
+                "container keeps its copy afterwards.",
     example="rocks remove host storagemap nas-0-0 vol1\n"
             "unmapping   nas-0-0 : vol1\n"
             "Success")
@@ -100,7 +110,8 @@ def remove_host_storagemap(inv: Invocation) -> None:
     "remove host storageimg", "Destroy an unmapped zvol on a NAS.",
     args=(_NAS, Arg("ZPOOL", "the NAS zpool"), Arg("VOLUME", "the zvol name")),
     description="The zvol and its snapshots are destroyed: the data is lost. A mapped zvol "
-                "is refused by the NAS.",
+                "is refused by the NAS. Copies of it that containers kept (img_keep_local) "
+                "are destroyed too.",
     example="rocks remove host storageimg nas-0-0 tank vol1\n"
             "removing   nas-0-0 : tank / vol1\n"
             "Success")
@@ -170,10 +181,11 @@ def _when(epoch: Any) -> Optional[str]:
     "list host storagedev", "List the img-storage devices of VM containers.",
     args=(Arg("HOST", "registered hosts running img-storage-vm", many=True),),
     description="STATUS is snapshot (booted on the remote disk while the copy runs), "
-                "snapshot-merge (merging into the local copy), linear (local) or iscsi "
-                "(direct); SYNCED shows the blocks left to merge, the merge is done when the "
-                "first number equals the last; the percentage is how much of the merge is "
-                "done.",
+                "snapshot-merge (merging into the local copy), linear (local), iscsi "
+                "(direct) or kept (a copy kept after its VM stopped, img_keep_local: the "
+                "base of the next start here; TIME is its age); SYNCED shows the blocks "
+                "left to merge, the merge is done when the first number equals the last; the "
+                "percentage is how much of the merge is done.",
     example="rocks list host storagedev compute-0-3")
 def list_host_storagedev(inv: Invocation) -> None:
     table = Table(["HOST", "ZVOL", "LVM", "STATUS", "SIZE (GB)", "BLOCK DEV", "IS STARTED",

@@ -252,6 +252,7 @@ class StartPlan(VmPlan):
         self.size_gb = 0
         self.sync = False
         self.remotepool: Optional[str] = None
+        self.keep_local = False
 
 
 class StopPlan(VmPlan):
@@ -294,8 +295,10 @@ def parallel_param(inv: Invocation) -> int:
     params=(_PARALLEL,),
     description="For a disk on a NAS the zvol VM-vol is mapped to the VM's container; the "
                 "container's img_sync attribute chooses direct iSCSI (false) or a local "
-                "synchronised copy in its vm_container_zpool (true). If the boot fails, the "
-                "zvol is unmapped again. " + _MANY_VMS.format(done="started"),
+                "synchronised copy in its vm_container_zpool (true); with img_keep_local "
+                "true the container keeps that copy after the VM stops, and the next start "
+                "there copies only what changed. If the boot fails, the zvol is unmapped "
+                "again. " + _MANY_VMS.format(done="started"),
     example="rocks start host vm compute-0-14-0\n"
             "nas-0-0:compute-0-14-0-vol mapped to vm-container-0-14:"
             "/dev/mapper/compute-0-14-0-vol-snap\n"
@@ -320,6 +323,7 @@ def plan_start(inv: Invocation, vm: Host) -> StartPlan:
     if disk.nas is None:
         return plan
     sync = inv.registry.attr_bool(container, "img_sync")
+    keep_local = sync and inv.registry.attr_bool(container, "img_keep_local")
     remotepool = inv.registry.attr(container, "vm_container_zpool") or None
     if remotepool is not None:
         try:
@@ -331,7 +335,7 @@ def plan_start(inv: Invocation, vm: Host) -> StartPlan:
         raise ValidationError(f"img_sync is true for {container} but its vm_container_zpool "
                               f"attribute is not set")
     plan.nas, plan.zpool, plan.size_gb = disk.nas.name, disk.zpool, disk.size_gb
-    plan.sync, plan.remotepool = sync, remotepool
+    plan.sync, plan.remotepool, plan.keep_local = sync, remotepool, keep_local
     return plan
 
 
@@ -354,7 +358,7 @@ def start_planned(inv: Invocation, plan: StartPlan, say: Say) -> None:
     zvol = naming.volume_for_vm(plan.vm)
     bdev = nas_client(inv, nas).map_zvol(zvol, zpool=plan.zpool, remotehost=container,
                                          remotepool=plan.remotepool, size=plan.size_gb,
-                                         sync=plan.sync)
+                                         sync=plan.sync, keep_local=plan.keep_local)
     if bdev is None:
         note = _unmap_after_failure(inv, nas, zvol)
         raise StateError(f"{nas} mapped {zvol} but did not say which device it became; {note}")

@@ -24,13 +24,16 @@ class NasClient(NodeClient):
 
     # -- mappings -------------------------------------------------------------
     def map_zvol(self, zvol: str, *, zpool: str, remotehost: str, size: int,
-                 remotepool: Optional[str], sync: bool,
+                 remotepool: Optional[str], sync: bool, keep_local: bool = False,
                  timeout: Optional[float] = None) -> Optional[str]:
         """Map (creating the zvol if needed); the block device on ``remotehost``, or
-        None when the reply named none (the caller decides what undoes the map)."""
-        reply = self._request("map_zvol", timeout, zpool=zpool, zvol=zvol,
-                              remotehost=remotehost, remotepool=remotepool, size=size,
-                              sync=sync)
+        None when the reply named none (the caller decides what undoes the map).
+        ``keep_local``: the container keeps its copy after the VM stops (sync mode)."""
+        fields: Dict[str, Any] = dict(zpool=zpool, zvol=zvol, remotehost=remotehost,
+                                      remotepool=remotepool, size=size, sync=sync)
+        if keep_local:
+            fields["keep_local"] = True
+        reply = self._request("map_zvol", timeout, **fields)
         bdev = reply.get("bdev")
         return bdev if isinstance(bdev, str) and bdev else None
 
@@ -79,6 +82,12 @@ class NasClient(NodeClient):
         return self._request("ping", timeout)
 
     # -- notifications from a container ---------------------------------------
+    def kept_dropped(self, zvol: str, *, host: str, snapshot: str,
+                     timeout: Optional[float] = None) -> None:
+        """A container destroyed the copy it kept of ``zvol`` as of ``snapshot``: the NAS
+        may let go of its own hold on that snapshot.  No reply comes."""
+        self._notify("kept_dropped", timeout, zvol=zvol, host=host, snapshot=snapshot)
+
     def zvol_synced(self, zvol: str, *, ok: bool, error: Optional[str] = None,
                     timeout: Optional[float] = None) -> None:
         """The container's report that a merge finished (or failed): no reply comes."""

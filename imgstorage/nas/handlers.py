@@ -55,15 +55,19 @@ def build(service: NasService) -> Dict[str, object]:
         size = field(m, "size", naming.size_gb)
         remotepool = field(m, "remotepool", optional_name(naming.zpool_name), required=False)
         sync = field(m, "sync", protocol.bool_field, required=False, default=False)
+        keep_local = field(m, "keep_local", protocol.bool_field, required=False, default=False)
         with locked(env, zvol):
             out = service.map_zvol(zvol, zpool, remotehost, size, remotepool, sync,
-                                   env.budget(default_timeout))
+                                   env.budget(default_timeout), keep_local=keep_local)
+        # the copy starts now, not at the scheduler's next look: it skips a held zvol
+        service.sync.wake()
         return protocol.success("map_zvol", **out)
 
     def unmap_zvol(env: Envelope) -> dict:
         zvol = field(env.body, "zvol", naming.zvol_name)
         with locked(env, zvol):
             service.unmap_zvol(zvol, env.budget(default_timeout))
+        service.sync.wake()          # the final pull, if any, without waiting for a tick
         return protocol.success("unmap_zvol", zvol=zvol)
 
     def del_zvol(env: Envelope) -> dict:
@@ -154,6 +158,18 @@ def build(service: NasService) -> Dict[str, object]:
                             str(error)[:1000] if error is not None else None)
         return None
 
+    def kept_dropped(env: Envelope) -> None:
+        """A container destroyed the copy it kept (a notification: no reply)."""
+        zvol = field(env.body, "zvol", naming.zvol_name)
+        host = field(env.body, "host", naming.host_name)
+        snapshot = field(env.body, "snapshot", naming.zvol_name)
+        why = trust.kept_refusal(config, env.user_id, host)
+        if why:
+            trust.log_refusal(config, env.user_id, env.action, zvol, why)   # and dropped
+            return None
+        service.kept.forget(zvol, host, snapshot)
+        return None
+
     def ping(env: Envelope) -> dict:
         return protocol.success("ping", node=service.name, role="nas")
 
@@ -162,6 +178,6 @@ def build(service: NasService) -> Dict[str, object]:
         "list_zvols": list_zvols, "get_zvol_attrs": get_zvol_attrs,
         "set_zvol_attrs": set_zvol_attrs, "get_attrs": get_attrs, "set_attrs": set_attrs,
         "del_attrs": del_attrs, "zvol_synced": zvol_synced, "clean_zvol": clean_zvol,
-        "ping": ping,
+        "kept_dropped": kept_dropped, "ping": ping,
     }
     return {action: guarded(config, handler) for action, handler in handlers.items()}

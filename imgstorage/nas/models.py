@@ -42,6 +42,25 @@ class Zvol(Base):
     retry_at: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
     failures: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[Optional[str]] = mapped_column(String(1000), nullable=True)
+    # The container keeps its copy after the final pull (its img_keep_local
+    # attribute, sent with the map), as the base of the next start there.
+    keep_local: Mapped[Optional[bool]] = mapped_column(Boolean, nullable=True)
+
+
+class KeptCopy(Base):
+    """A container that kept its copy of a zvol after the VM stopped there.
+
+    ``snapshot`` is the NAS's snapshot the copy is the same as; the NAS holds
+    it (tag ``imgstorage-kept``) so that the next start on that container can
+    be sent only what changed since, wherever the VM ran in between.
+    """
+    __tablename__ = "nas_kept_copies"
+
+    zvol: Mapped[str] = mapped_column(String(200), ForeignKey("nas_zvols.zvol", ondelete="CASCADE"),
+                                      primary_key=True)
+    host: Mapped[str] = mapped_column(String(253), primary_key=True)
+    snapshot: Mapped[str] = mapped_column(String(200))
+    since: Mapped[float] = mapped_column(Float, default=time.time)
 
 
 class Lock(Base):

@@ -35,6 +35,7 @@ RpcFactory = Callable[[], ContextManager[RpcClient]]
 class NasService:
     def __init__(self, config: Config, store: NasStore, drivers: NodeDrivers,
                  rpc_factory: Optional[RpcFactory] = None):
+        from .kept import KeptCopies
         from .sync import SyncManager
         from .transport import make_transport
         self.config = config
@@ -43,6 +44,7 @@ class NasService:
         self.rpc_factory = rpc_factory or (lambda: RpcClient(config))
         self.sync = SyncManager(self, config.img_sync_workers)
         self.transport = make_transport(config, self)
+        self.kept = KeptCopies(self)
 
     def container(self, host: str, rpc=None) -> VmClient:
         """``host``'s daemon; a connection per request unless ``rpc`` is one to share."""
@@ -59,7 +61,8 @@ class NasService:
 
     # -- map ----------------------------------------------------------------
     def map_zvol(self, zvol: str, zpool: str, remotehost: str, size_gb: int,
-                 remotepool: Optional[str], sync: bool, timeout: float) -> Dict:
+                 remotepool: Optional[str], sync: bool, timeout: float,
+                 keep_local: bool = False) -> Dict:
         row = self.store.get(zvol)
         if row is not None:
             if row.zpool != zpool:
@@ -100,10 +103,12 @@ class NasService:
         target = naming.target_iqn(self.name, zvol)
         chap = self._new_chap() if self.config.chap else None
         started = time.monotonic()
+        self.sync.early_reports.discard(zvol)      # a report of an earlier mapping
         self.store.transition(zvol, Event.MAP, remotehost=remotehost, remotepool=remotepool,
                               sync=sync, iscsi_target=target, size_bytes=size_bytes,
                               chap_user=chap.userid if chap else None,
-                              chap_secret=chap.password if chap else None, last_error=None)
+                              chap_secret=chap.password if chap else None, last_error=None,
+                              keep_local=keep_local if sync else None)
         target_made = False
         asked = False               # the container may have attached (no refusal came back)
         try:
@@ -136,6 +141,8 @@ class NasService:
                  time.monotonic() - started, "; NAS->VM copy queued" if sync else "")
         if sync:
             self.sync.wake()
+        else:
+            self.kept.forget(zvol, remotehost)     # a direct map: the container let it go
         return {"bdev": bdev, "target": target}
 
     def _ask_map(self, there: VmClient, zvol: str, target: str, size_gb: int,
@@ -254,6 +261,15 @@ class NasService:
             log.error("container %s could not merge %s: %s", row.remotehost, zvol, error)
             self.store.update(zvol, last_error=f"merge failed: {error}"[:1000])
             return
+        if row.state == State.UPLOADING.value:
+            # The container merged before this NAS recorded the copy's arrival (an empty
+            # temp-write store merges at once): kept for that record, not lost.
+            self.sync.early_reports.add(zvol)
+            row = self.store.require(zvol)
+            if row.state == State.UPLOADING.value:
+                log.info("zvol %s: merge report ahead of the copy's record; kept for it", zvol)
+                return
+            self.sync.early_reports.discard(zvol)
         if row.state != State.MERGING.value:
             log.info("zvol %s: merge report ignored in state %s", zvol, row.state)
             return
@@ -265,9 +281,10 @@ class NasService:
         except StateError as exc:
             log.info("zvol %s: merge report ignored (%s)", zvol, exc)
             return
-        self.store.set_zvol_attrs(zvol, self.sync.pulled(zvol))
         if row.iscsi_target:
+            # first: the row no longer names it, so nothing else would ever remove it
             self._delete_target(row.iscsi_target)
+        self.store.set_zvol_attrs(zvol, self.sync.pulled(zvol))
         log.info("zvol %s runs from its local copy on %s", zvol, row.remotehost)
 
     # -- delete -------------------------------------------------------------
@@ -279,6 +296,7 @@ class NasService:
             raise StateError(f"Error deleting zvol {zvol}: is mapped")
         self.store.transition(zvol, Event.DELETE)
         try:
+            self.kept.remove_all(zvol)
             if self.drivers.zfs.get_zvol(zpool, zvol) is not None:
                 syncsnaps.let_go(self.drivers.zfs, zpool, zvol)
                 self.drivers.zfs.destroy(zpool, zvol, recursive=True)
@@ -347,6 +365,7 @@ class NasService:
                         self.store.transition(row.zvol, Event.FAILED)
             except ImgStorageError as exc:
                 log.error("could not recover zvol %s (%s): %s", row.zvol, row.state, exc)
+        self.kept.recover()
 
     def _recover_unmap(self, row) -> None:
         """An unmap the daemon died in: finish it if the container finished its part.
@@ -364,7 +383,8 @@ class NasService:
             self._delete_target(row.iscsi_target)
             self.store.transition(row.zvol, Event.DETACHED_LOCAL, iscsi_target=None,
                                   retry_at=None, failures=0, last_error=None)
-        elif there is None and row.prior_state in (State.MAPPED.value, State.UPLOADING.value):
+        elif there in (None, ContainerState.KEPT.value) \
+                and row.prior_state in (State.MAPPED.value, State.UPLOADING.value):
             log.warning("zvol %s was being unmapped when the daemon stopped; %s had finished "
                         "(its writes are on the NAS): unmapped", row.zvol, row.remotehost)
             self._delete_target(row.iscsi_target)

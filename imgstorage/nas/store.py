@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 
 from ..errors import BusyError, NotFoundError
 from ..rowstore import StateStore
-from .models import Attr, Lock, Zvol, ZvolAttr
+from .models import Attr, KeptCopy, Lock, Zvol, ZvolAttr
 from .states import Event, next_state
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,38 @@ class NasStore(StateStore):
         never resume a copy or a pull of the old cycle.
         """
         return self.transition(zvol, Event.CLEANED, **UNMAPPED_COLUMNS)
+
+    # -- copies kept on containers -------------------------------------------
+    def kept(self, zvol: Optional[str] = None) -> List[KeptCopy]:
+        """The kept copies (of one zvol), oldest first."""
+        with self.session() as s:
+            q = select(KeptCopy).order_by(KeptCopy.since, KeptCopy.zvol, KeptCopy.host)
+            if zvol is not None:
+                q = q.where(KeptCopy.zvol == zvol)
+            return list(s.scalars(q))
+
+    def keep(self, zvol: str, host: str, snapshot: str) -> Optional[KeptCopy]:
+        """Record that ``host`` keeps ``zvol`` as of ``snapshot``; the record it replaces."""
+        with self.session() as s, s.begin():
+            old = s.get(KeptCopy, (zvol, host))
+            before = None
+            if old is not None:
+                before = KeptCopy(zvol=old.zvol, host=old.host, snapshot=old.snapshot,
+                                  since=old.since)
+                old.snapshot, old.since = snapshot, time.time()
+            else:
+                s.add(KeptCopy(zvol=zvol, host=host, snapshot=snapshot, since=time.time()))
+            return before
+
+    def forget_kept(self, zvol: str, host: str,
+                    snapshot: Optional[str] = None) -> Optional[KeptCopy]:
+        """Drop the record of ``host``'s kept copy (only as of ``snapshot``, if given)."""
+        with self.session() as s, s.begin():
+            row = s.get(KeptCopy, (zvol, host))
+            if row is None or (snapshot is not None and row.snapshot != snapshot):
+                return None
+            s.delete(row)
+            return row
 
     # -- attributes ---------------------------------------------------------
     def attrs(self) -> dict:

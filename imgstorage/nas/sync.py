@@ -73,6 +73,8 @@ class SyncManager:
         self._wake = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._merge_checked: Dict[str, float] = {}
+        # merge reports that arrived before the copy's arrival was recorded here
+        self.early_reports: Set[str] = set()
         self._resuming: Set[str] = set()                # last attempt was a resume
         self._resume_failures: Dict[str, int] = {}
 
@@ -269,6 +271,7 @@ class SyncManager:
                 if self._give_up_resume(row, why):
                     container.recv_zvol(row.zvol, restart=True)
                     token = None
+            base = None
             if token:
                 self._resuming.add(row.zvol)
                 log.info("NAS->VM copy of %s to %s:%s resumed (%s bytes left, limit %s B/s)",
@@ -277,12 +280,16 @@ class SyncManager:
                 open_source = lambda: zfs.send_resume(row.zpool, row.zvol, token)  # noqa: E731
             else:
                 self._fresh(row.zvol)
-                job.progress.total = zfs.send_size(row.zpool, row.zvol, snap)
-                log.info("NAS->VM copy of %s to %s:%s started (%s bytes, limit %s B/s)",
+                # a copy the container kept after the VM stopped there: only what changed
+                base = self.service.kept.base_for(row, there, container)
+                since = base[0] if base else None
+                job.progress.total = zfs.send_size(row.zpool, row.zvol, snap, since)
+                log.info("NAS->VM copy of %s to %s:%s started (%s bytes, %s, limit %s B/s)",
                          row.zvol, row.remotehost, row.remotepool, job.progress.total,
+                         f"incremental from {since}, the copy kept there" if base else "full",
                          rate or "none")
-                open_source = lambda: zfs.send(row.zpool, row.zvol, snap)  # noqa: E731
-            self.service.transport.upload(row, open_source, job, rate)
+                open_source = lambda: zfs.send(row.zpool, row.zvol, snap, since)  # noqa: E731
+            self.service.transport.upload(row, open_source, job, rate, base=base)
             self._resume_ended(row.zvol)
             log.info("NAS->VM copy of %s done: %d bytes in %.1fs (%.0f B/s)",
                      row.zvol, job.progress.done, time.monotonic() - started, _average(job))
@@ -318,7 +325,12 @@ class SyncManager:
         # restarted daemon must still recognise the copy as this one.
         self.store.transition(row.zvol, Event.UPLOADED, transfer_snapshot=None, failures=0,
                               retry_at=None, last_error=None)
+        self._merge_checked.pop(row.zvol, None)     # this merge is checked from its start
+        self.service.kept.handed_over(row)
         log.info("zvol %s: the container merges the VM's writes into the copy", row.zvol)
+        if row.zvol in self.early_reports:
+            self.early_reports.discard(row.zvol)
+            self.service.zvol_synced(row.zvol, True, None)
         if there == There.LOCAL.value:
             self.service.zvol_synced(row.zvol, True, None)
 
@@ -461,18 +473,29 @@ class SyncManager:
     def _release(self, row) -> None:
         """The NAS has every byte: the container destroys its copy, then the zvol is unmapped.
 
-        A container that no longer has the copy (it destroyed it before our
+        With ``keep_local`` the container keeps it instead, as of our newest
+        snapshot, which is held here first (imgstorage/nas/kept.py).  A
+        container that no longer has the copy (it destroyed it before our
         record of that was written) answers success, so asking twice is safe.
         """
+        keep = row.last_snapshot if row.keep_local else None
         try:
-            self.service.container(row.remotehost).del_local(row.zvol)
+            if keep:
+                self.service.kept.record(row, keep)
+            kept = self.service.container(row.remotehost).del_local(row.zvol, keep=keep)
         except (ImgStorageError, OSError) as exc:
             self._failed(row.zvol, f"release of {row.remotehost}'s copy", exc)
             return
+        if keep and not kept:
+            self.service.kept.forget(row.zvol, row.remotehost, keep)
         self.store.transition(row.zvol, Event.RELEASED, remotehost=None, remotepool=None,
                               iscsi_target=None, bdev=None, initiator=None, chap_user=None,
                               chap_secret=None, failures=0, retry_at=None, last_error=None)
-        log.info("zvol %s is home: %s destroyed its copy", row.zvol, row.remotehost)
+        if kept:
+            log.info("zvol %s is home: %s keeps its copy as of %s for the next start there",
+                     row.zvol, row.remotehost, keep)
+        else:
+            log.info("zvol %s is home: %s destroyed its copy", row.zvol, row.remotehost)
 
     def _back_to_local(self, zvol: str) -> None:
         try:

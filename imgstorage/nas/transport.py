@@ -77,8 +77,13 @@ class TcpTransport:
     def __init__(self, service):
         self.svc = service
 
-    def upload(self, row, open_source: Callable[[], ByteSource], job, rate: Optional[int]) -> None:
-        reply = self.svc.container(row.remotehost).recv_zvol(row.zvol, stream=True)
+    def upload(self, row, open_source: Callable[[], ByteSource], job, rate: Optional[int],
+               base: Optional[Tuple[str, int]] = None) -> None:
+        """``base``: the snapshot (and guid) the container's kept copy is rolled back to
+        before the stream, which carries only what changed since."""
+        reply = self.svc.container(row.remotehost).recv_zvol(
+            row.zvol, stream=True, base=base[0] if base else None,
+            base_guid=base[1] if base else None)
         address, port, token = _endpoint(reply)
         _move(job, rate, open_source, lambda: SocketSink.connect(address, port, token))
 
@@ -100,7 +105,11 @@ class SshTransport:
     def _host(self, remotehost: str) -> str:
         return network_name(self.svc.config, remotehost) or remotehost
 
-    def upload(self, row, open_source: Callable[[], ByteSource], job, rate: Optional[int]) -> None:
+    def upload(self, row, open_source: Callable[[], ByteSource], job, rate: Optional[int],
+               base: Optional[Tuple[str, int]] = None) -> None:
+        if base:
+            self.svc.container(row.remotehost).recv_zvol(row.zvol, base=base[0],
+                                                         base_guid=base[1])
         _move(job, rate, open_source,
               lambda: ssh_sink(default_runner, self.user, self._host(row.remotehost),
                                row.remotepool, row.zvol, resumable=True))

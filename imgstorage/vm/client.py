@@ -66,14 +66,21 @@ class VmClient(NodeClient):
         return self._request("sync_zvol", timeout, zvol=zvol, target=target, snap=snap)
 
     def recv_zvol(self, zvol: str, *, restart: bool = False, stream: bool = False,
-                  timeout: Optional[float] = None) -> Dict[str, Any]:
-        """Where the copy stands there (state, ``resume_token``, ``snapshots``);
-        ``restart`` throws a partial receive away first; ``stream`` asks the
-        container to open an endpoint (``address``, ``port``, ``token``) the
-        NAS streams into."""
+                  base: Optional[str] = None, base_guid: Optional[int] = None,
+                  fresh: bool = False, timeout: Optional[float] = None) -> Dict[str, Any]:
+        """Where the copy stands there (state, ``resume_token``, ``snapshots``, and
+        the ``base``/``base_guid`` of a copy kept there); ``restart`` throws a
+        partial receive away first; ``base`` rolls the kept copy back to that
+        snapshot for an incremental stream, ``fresh`` replaces it with an empty
+        zvol for a full one; ``stream`` asks the container to open an endpoint
+        (``address``, ``port``, ``token``) the NAS streams into."""
         fields: Dict[str, Any] = {"zvol": zvol}
         if restart:
             fields["restart"] = True
+        if fresh:
+            fields["fresh"] = True
+        if base is not None:
+            fields.update(base=base, base_guid=base_guid)
         if stream:
             fields["stream"] = True
         return self._request("recv_zvol", timeout, **fields)
@@ -95,9 +102,14 @@ class VmClient(NodeClient):
             fields["stream"] = True
         return self._request("send_zvol", timeout, **fields)
 
-    def del_local(self, zvol: str, *, timeout: Optional[float] = None) -> None:
-        """The NAS has every byte: destroy the local copy."""
-        self._request("del_local", timeout, zvol=zvol)
+    def del_local(self, zvol: str, *, keep: Optional[str] = None,
+                  timeout: Optional[float] = None) -> bool:
+        """The NAS has every byte: destroy the local copy, or with ``keep`` (the NAS's
+        newest snapshot) keep it as the base of the next start there; True: kept."""
+        fields: Dict[str, Any] = {"zvol": zvol}
+        if keep is not None:
+            fields["keep"] = keep
+        return self._request("del_local", timeout, **fields).get("kept") is True
 
     # -- listings -------------------------------------------------------------
     def list_dev(self, *, timeout: Optional[float] = None) -> Dict[str, Dict[str, Any]]:

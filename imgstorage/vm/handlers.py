@@ -12,7 +12,7 @@ from ..messaging import Envelope
 from ..protocol import field, optional_name
 from . import streams
 from .service import VmService
-from .states import PULLABLE, RECEIVING
+from .states import KEPT_STATES, PULLABLE, RECEIVING
 
 QUICK = {"list_dev", "initiator_name", "ping"}
 LOCK_WAIT = 10.0          # at most this long, and a third of the budget, for a held zvol
@@ -41,6 +41,13 @@ def _snap(value) -> str:
     return naming.zvol_name(value)
 
 
+def _guid(value) -> int:
+    """A snapshot's guid: a 64-bit number, as zfs prints it."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 1 << 64:
+        raise ValidationError("invalid snapshot guid")
+    return value
+
+
 def build(service: VmService) -> Dict[str, object]:
     config = service.config
     default_timeout = config.timeout
@@ -51,6 +58,9 @@ def build(service: VmService) -> Dict[str, object]:
         if not config.strict:
             return
         row = service.row(zvol) if zvol else None
+        if row is not None and env.action == "map_zvol" and row.state in {
+                s.value for s in KEPT_STATES}:
+            row = None      # a map replaces a kept copy, which any NAS of ours may do
         why = trust.vm_refusal(config, env.user_id, env.action, row is not None,
                                row.nas_node if row else None)
         if why is None and zvol is not None:
@@ -115,19 +125,32 @@ def build(service: VmService) -> Dict[str, object]:
         return protocol.success("sync_zvol", zvol=zvol, merging=True)
 
     def recv_zvol(env: Envelope) -> dict:
-        """Without ``stream``: where the copy stands here (state, resume token and the
-        snapshots that arrived whole); with ``restart``: the partial state is thrown
-        away first; with ``stream``: the one-time endpoint the NAS streams into, and
-        the token this container drew for it."""
-        zvol = field(env.body, "zvol", naming.zvol_name)
-        stream = _stream_request(env.body)
-        restart = field(env.body, "restart", protocol.bool_field, required=False, default=False)
+        """Without ``stream``: where the copy stands here (state, resume token, the
+        snapshots that arrived whole, and the ``base`` a kept copy shares with the NAS);
+        with ``restart``: the partial state is thrown away first; with ``base`` (and its
+        ``base_guid``): the kept copy is rolled back to it for an incremental stream;
+        with ``fresh``: the kept copy is replaced by an empty zvol for a full one; with
+        ``stream``: the one-time endpoint the NAS streams into, and the token this
+        container drew for it."""
+        m = env.body
+        zvol = field(m, "zvol", naming.zvol_name)
+        stream = _stream_request(m)
+        restart = field(m, "restart", protocol.bool_field, required=False, default=False)
+        fresh = field(m, "fresh", protocol.bool_field, required=False, default=False)
+        base = field(m, "base", optional_name(_snap), required=False)
+        base_guid = field(m, "base_guid", _guid, required=base is not None)
+        if fresh and base:
+            raise ValidationError("recv_zvol: fresh and base exclude each other")
         with held(env, zvol), streams.reserve(service.config, stream) as slot:
-            if not (slot or restart):
+            if not (slot or restart or fresh or base):
                 return protocol.success("recv_zvol", **service.receive_state(zvol))
             row = service.require(zvol, *RECEIVING)
             if restart:
                 zfs.abort_resume(row.remotepool, zvol)
+            if fresh:
+                service.kept.forget_base(row, "the NAS has no snapshot in common with it")
+            if base:
+                service.kept.prepare_base(row, base, base_guid)
             reply = {"zvol": zvol, "resume_token": zfs.resume_token(row.remotepool, zvol)}
             if slot:
                 reply.update(slot.serve_receive(
@@ -163,9 +186,10 @@ def build(service: VmService) -> Dict[str, object]:
 
     def del_local(env: Envelope) -> dict:
         zvol = field(env.body, "zvol", naming.zvol_name)
+        keep = field(env.body, "keep", optional_name(_snap), required=False)
         with held(env, zvol):
-            service.del_local(zvol)
-        return protocol.success("del_local", zvol=zvol)
+            kept = service.del_local(zvol, keep)
+        return protocol.success("del_local", zvol=zvol, kept=kept)
 
     def clean_zvol(env: Envelope) -> dict:
         zvol = field(env.body, "zvol", naming.zvol_name)

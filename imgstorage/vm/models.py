@@ -3,7 +3,8 @@
 A row's ``state`` is one of imgstorage/vm/states.py and is written only by
 imgstorage/vm/store.py.  A row keeps what the kernel needs to rebuild its
 device after a reboot: the target and portal, the CHAP credentials of the
-login, the pool of the local copy and the device's size.
+login, the pool of the local copy and the device's size; a copy kept after
+the VM stopped keeps the snapshot it shares with the NAS.
 
 Tables are prefixed ``vm_`` so they never collide with the NAS daemon's.
 """
@@ -40,3 +41,8 @@ class VmZvol(Base):
     prior_state: Mapped[Optional[str]] = mapped_column(String(32), nullable=True)  # broken from
     chap_user: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
     chap_secret: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
+    # A kept copy (img_keep_local): the snapshot it shares with the NAS, and since
+    # when it is kept (the oldest goes first when the pool needs room).  Set from
+    # ``kept`` until a map that reused the copy has received the NAS's changes.
+    kept_snapshot: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
+    kept_since: Mapped[Optional[float]] = mapped_column(Float, nullable=True)

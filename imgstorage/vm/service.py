@@ -22,7 +22,7 @@ from ..drivers import NodeDrivers
 from ..drivers.base import ChapCredentials, SessionInfo
 from ..errors import BusyError, DriverError, ImgStorageError, NotFoundError, StateError
 from .models import VmZvol
-from .states import IN_SERVICE, PULLABLE, UNMAP_FROM, Event, State
+from .states import IN_SERVICE, KEPT_STATES, PULLABLE, UNMAP_FROM, Event, State
 from .store import VmStore
 from .sync import ContainerSync, dm_name, merged, temp_name
 
@@ -68,6 +68,8 @@ class VmService:
         self._locks: Dict[str, _ZvolLock] = {}
         self._locks_guard = threading.Lock()
         self.sync = ContainerSync(self)
+        from .kept import KeptCopies
+        self.kept = KeptCopies(self)
         from .rebuild import Rebuilder
         self.rebuilder = Rebuilder(self)
 
@@ -162,6 +164,17 @@ class VmService:
             raise StateError(f"sync mode needs a local zpool on {self.config.name}: set "
                              "vm_container_zpool (remotepool) or default_pool")
         existing = self.row(zvol)
+        reuse = False
+        if existing is not None and State(existing.state) in KEPT_STATES:
+            # A copy kept after the VM stopped here: the base of this copy if it fits
+            # (only the NAS's changes are sent), else destroyed (the NAS has every byte).
+            why = self.kept.unusable(existing, sync, pool, nas_node or nas.split(".", 1)[0],
+                                     volsize)
+            if why:
+                self.kept.drop(existing, why)
+                existing = None
+            else:
+                reuse = True
         if existing is not None and existing.iscsi_target == target \
                 and State(existing.state) is State.ATTACHED \
                 and existing.chap_user is not None and chap is not None \
@@ -175,22 +188,26 @@ class VmService:
             self._logout(target, existing.nas)
             self.store.transition(zvol, Event.DETACHED)
             existing = None
-        if existing is not None:
+        if existing is not None and not reuse:
             if existing.iscsi_target == target and State(existing.state) in IN_SERVICE:
                 if chap is not None and existing.chap_user is None:
                     # a row of an older release: keep the login's credentials for a rebuild
                     self.store.update(zvol, chap_user=chap.userid, chap_secret=chap.password)
                 return f"/dev/mapper/{dm_name(zvol)}" if existing.sync else existing.bdev
             raise StateError(f"zvol {zvol} is already {existing.state} on {self.config.name}")
-        self.store.add(zvol, nas=nas, iscsi_target=target, remotepool=pool if sync else None,
+        columns = dict(nas=nas, iscsi_target=target, remotepool=pool if sync else None,
                        sync=sync, nas_node=nas_node or nas.split(".", 1)[0],
                        chap_user=chap.userid if chap else None,
                        chap_secret=chap.password if chap else None)
+        if reuse:
+            self.store.transition(zvol, Event.REUSE, bdev=None, last_error=None, **columns)
+        else:
+            self.store.add(zvol, **columns)
         started = time.monotonic()
         prepared = False
         try:
             if sync:
-                self.sync.prepare(zvol, pool, volsize or 0)
+                self.sync.prepare(zvol, pool, volsize or 0, reuse=reuse)
                 prepared = True
             bdev = self._attach(target, nas, chap, timeout - (time.monotonic() - started))
             if sync:
@@ -203,25 +220,33 @@ class VmService:
         except Exception:
             self._undo_attach(zvol, target, nas, pool if prepared else None)
             raise
-        log.info("attached %s from %s as %s in %.2fs", zvol, nas, result, time.monotonic() - started)
+        log.info("attached %s from %s as %s in %.2fs%s", zvol, nas, result,
+                 time.monotonic() - started, "; the copy kept here is its base" if reuse else "")
         return result
 
     def _undo_attach(self, zvol: str, target: str, nas: str, pool: Optional[str]) -> None:
+        """Undo a failed attach; a copy kept here that it was to reuse is kept as it was."""
+        row = self.row(zvol)
+        kept = row is not None and row.kept_snapshot is not None
         try:
             if pool:
-                self.sync.discard(zvol, pool)
+                self.sync.discard(zvol, pool, keep_local=kept)
             self._logout(target, nas)
         except ImgStorageError as exc:
             log.error("could not undo the failed attach of %s: %s", zvol, exc)
-        self.store.transition(zvol, Event.FAILED)
+        if kept:
+            self.store.transition(zvol, Event.UNUSED, iscsi_target=None, bdev=None,
+                                  chap_user=None, chap_secret=None)
+        else:
+            self.store.transition(zvol, Event.FAILED)
 
     # -- unmap --------------------------------------------------------------
     def unmap_zvol(self, zvol: str, target: Optional[str], timeout: float) -> Dict:
         """Let the disk go; ``{"local": True}`` when the NAS must pull our copy first."""
         deadline = time.monotonic() + timeout
         row = self.row(zvol)
-        if row is None:
-            self._logout(target, None)
+        if row is None or State(row.state) in KEPT_STATES:
+            self._logout(target, None)          # a kept copy has no device and no writes
             return {"local": False}
         state = State(row.state)
         if state is State.DETACHED_LOCAL:
@@ -279,10 +304,19 @@ class VmService:
         raise StateError(f"zvol {zvol} is {row.state} on {self.config.name}; it cannot be unmapped")
 
     def finish_flushed(self, row: VmZvol) -> None:
-        """Every write of the VM is on the NAS: remove the device, the session and the copies."""
+        """Every write of the VM is on the NAS: remove the device, the session and the copies.
+
+        A copy kept here whose NAS changes had not arrived yet goes back to
+        the snapshot it shares with the NAS and stays kept.
+        """
         if self.drivers.dm.exists(dm_name(row.zvol)):
             self.drivers.dm.remove(dm_name(row.zvol))
         self._logout(row.iscsi_target, row.nas)
+        if row.kept_snapshot and self.kept.back_to_base(row):
+            self.sync.discard(row.zvol, row.remotepool, keep_local=True)
+            self.store.transition(row.zvol, Event.KEEP, iscsi_target=None, bdev=None,
+                                  chap_user=None, chap_secret=None)
+            return
         self.sync.discard(row.zvol, row.remotepool)
         self.store.transition(row.zvol, Event.DETACHED)
 
@@ -313,6 +347,8 @@ class VmService:
                     done.append(f"destroyed {pool}/{name}")
         if row is not None:
             self.store.transition(zvol, Event.CLEANED)
+            if State(row.state) in KEPT_STATES:
+                self.kept.tell_nas(row)
         log.warning("zvol %s cleaned on %s: %s", zvol, self.config.name, "; ".join(done) or
                     "nothing was left")
         return {"done": done}
@@ -365,6 +401,8 @@ class VmService:
             self.sync.finish_switch(row)
             self.store.transition(zvol, Event.SWITCHED)
             self.sync.report_merged(row)
+        elif state in KEPT_STATES:
+            self.kept.recover(row)
 
     # -- sync steps asked for by the NAS ------------------------------------
     def require(self, zvol: str, *states: State) -> VmZvol:
@@ -389,7 +427,7 @@ class VmService:
             s for s in zfs.list_snapshots(row.remotepool, zvol)
             if s.startswith(syncsnaps.SNAP_PREFIX)]
         return {"zvol": zvol, "state": row.state, "snapshots": snaps,
-                "resume_token": zfs.resume_token(row.remotepool, zvol)}
+                "resume_token": zfs.resume_token(row.remotepool, zvol), **self.kept.base(row)}
 
     def start_merge(self, zvol: str, snap: Optional[str] = None) -> None:
         """The copy arrived: merge the VM's writes into it.
@@ -406,9 +444,11 @@ class VmService:
             return
         figures = self.sync.merge_figures(zvol)
         # recorded first: from the reload on, the local zvol holds merged writes, and a
-        # device rebuilt after a crash must stack on it, not on the NAS's disk
+        # device rebuilt after a crash must stack on it, not on the NAS's disk (and a
+        # copy that was kept here is no longer the one kept: the NAS's changes are in)
         self.store.transition(zvol, Event.MERGE, merge_started=time.time(),
-                              merge_from=figures[0] if figures else None)
+                              merge_from=figures[0] if figures else None,
+                              kept_snapshot=None, kept_since=None)
         try:
             self.sync.start_merge(row)
         except ImgStorageError:
@@ -434,12 +474,22 @@ class VmService:
         syncsnaps.trim(zfs, row.remotepool, zvol, keep)
         return zfs.send_size(row.remotepool, zvol, snap, base)
 
-    def del_local(self, zvol: str) -> None:
-        """The NAS has our copy: destroy it."""
+    def del_local(self, zvol: str, keep: Optional[str] = None) -> bool:
+        """The NAS has our copy: destroy it, or with ``keep`` (the snapshot the NAS has as
+        its newest) keep it as the base of the next start here.  True: kept.
+
+        A kept copy is destroyed when the NAS asks without ``keep`` (the zvol
+        is being removed) and left alone when it asks to keep it again.
+        """
         row = self.row(zvol)
         if row is None:
-            return
-        if row.state != State.DETACHED_LOCAL.value:
+            return False
+        state = State(row.state)
+        if state in KEPT_STATES and keep and keep == row.kept_snapshot:
+            return True
+        if state is State.DETACHED_LOCAL and keep and self.kept.keep(row, keep):
+            return True
+        if state is not State.DETACHED_LOCAL and state not in KEPT_STATES:
             raise StateError(f"zvol {zvol} is {row.state} on {self.config.name}; its copy is "
                              "still in use")
         if self.drivers.zfs.get_zvol(row.remotepool, zvol) is not None:
@@ -447,6 +497,7 @@ class VmService:
             self.drivers.zfs.destroy(row.remotepool, zvol, recursive=True)
         self.store.transition(zvol, Event.DELETED)
         log.info("destroyed the local copy of %s: the NAS has it", zvol)
+        return False
 
     # -- listing ------------------------------------------------------------
     def list_dev(self) -> Dict[str, Dict]:
@@ -478,6 +529,8 @@ class VmService:
                     entry["synced_percent"] = _merge_percent(figures, row)
             if row.state == State.BROKEN.value:
                 entry.update(status=State.BROKEN.value, error=row.last_error)
+            if State(row.state) in KEPT_STATES:
+                entry.update(self.kept.listing(row))
             body[zvol] = entry
         known = {r.iscsi_target for r in rows.values()}
         for n, iqn in enumerate(sorted(set(sessions) - known)):

@@ -31,6 +31,22 @@ An unmap before the copy completed sends the VM's writes home over iSCSI::
     flushing --flushed--> flushed            every write is on the NAS; tearing down
     flushed --detached--> (gone)
 
+A copy kept after the VM stopped (the container attribute ``img_keep_local``)
+is only the base of the next start here: the NAS's copy is the authority::
+
+    detached_local --keep--> kept            the NAS has it and the snapshot both
+                                             sides share; the copy stays, held
+    kept --reuse--> attaching                a sync map from the same NAS: only a
+                                             temp-write zvol is made; the NAS sends
+                                             what changed since the shared snapshot
+                                             (the copy is rolled back to it first)
+    attaching --unused--> kept               that map failed: the copy is as it was
+    flushed --keep--> kept                   an unmap before the changes arrived:
+                                             the copy goes back to the shared snapshot
+    kept --deleted--> (gone)                 the NAS removed the zvol
+    kept --dropped--> (gone)                 the pool needed the space, or the copy
+                                             cannot serve the next map
+
 A device that cannot be rebuilt after a reboot (its local zvol is gone) is
 ``broken``: the row keeps what it knew, nothing is destroyed, and the listing
 says so until an administrator cleans it.  ``cleaned`` (rocks clean host
@@ -62,6 +78,10 @@ class Event(str, Enum):
     BROKE = "broke"
     REBUILT = "rebuilt"
     CLEANED = "cleaned"
+    KEEP = "keep"
+    REUSE = "reuse"
+    UNUSED = "unused"
+    DROPPED = "dropped"
 
 
 GONE = None             # the row is removed
@@ -87,6 +107,12 @@ TRANSITIONS: Dict[Tuple[State, Event], Target] = {
     (State.FLUSHING, Event.FLUSHED): State.FLUSHED,
     (State.FLUSHED, Event.DETACHED): GONE,
     (State.BROKEN, Event.REBUILT): PRIOR,
+    (State.DETACHED_LOCAL, Event.KEEP): State.KEPT,
+    (State.FLUSHED, Event.KEEP): State.KEPT,
+    (State.KEPT, Event.REUSE): State.ATTACHING,
+    (State.ATTACHING, Event.UNUSED): State.KEPT,
+    (State.KEPT, Event.DELETED): GONE,
+    (State.KEPT, Event.DROPPED): GONE,
 }
 
 
@@ -118,6 +144,7 @@ KERNEL: Dict[State, Kernel] = {
                            writes_here=True),
     State.FLUSHED: Kernel(settled=False),
     State.DETACHED_LOCAL: Kernel(writes_here=True),
+    State.KEPT: Kernel(),                 # a zvol and its held snapshot; nothing the NAS lacks
     State.BROKEN: Kernel(writes_here=True),
 }
 
@@ -129,8 +156,10 @@ for _state in State:
     TRANSITIONS[(_state, Event.CLEANED)] = GONE
 
 # -- sets the code asks about, derived from the tables --------------------------
-#: the events of a disk's normal way out (not failures, breakage or cleaning)
-_ONWARD = frozenset(Event) - {Event.FAILED, Event.BROKE, Event.CLEANED, Event.REBUILT}
+#: the events of a disk's normal way out (not failures, breakage, cleaning, or a kept
+#: copy's own life, which starts after the disk was let go)
+_ONWARD = frozenset(Event) - {Event.FAILED, Event.BROKE, Event.CLEANED, Event.REBUILT,
+                              Event.REUSE, Event.UNUSED, Event.DROPPED}
 
 
 def _leads_out(state: State) -> bool:
@@ -149,9 +178,11 @@ def _leads_out(state: State) -> bool:
     return False
 
 
+#: a copy kept after the VM stopped: no device, no writes of the VM, only a base
+KEPT_STATES: FrozenSet[State] = frozenset(s for (s, e) in TRANSITIONS if e is Event.REUSE)
 #: states an unmap request can start from: each leads on to the device let go
 UNMAP_FROM: FrozenSet[State] = frozenset(
-    s for s in State if s is not START and _leads_out(s))
+    s for s in State if s is not START and s not in KEPT_STATES and _leads_out(s))
 #: states whose row holds the only copy of some of the VM's writes
 AT_RISK: FrozenSet[State] = frozenset(s for s, k in KERNEL.items() if k.writes_here)
 #: states in which the kernel should hold a device or a session for the row
@@ -179,4 +210,4 @@ def next_state(current: str, event: Event, prior: Optional[str] = None) -> Optio
 
 __all__ = ["State", "Event", "Kernel", "KERNEL", "TRANSITIONS", "GONE", "PRIOR", "START",
            "UNMAP_FROM", "AT_RISK", "REBUILDABLE", "IN_SERVICE", "HOLDS_COPY", "HOLDS_TEMP",
-           "PULLABLE", "RECEIVING", "next_state"]
+           "PULLABLE", "RECEIVING", "KEPT_STATES", "next_state"]

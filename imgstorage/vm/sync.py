@@ -48,19 +48,27 @@ class ContainerSync:
         self.notify: Callable[[str, Dict], None] = service.notify
 
     # -- map ----------------------------------------------------------------
-    def prepare(self, zvol: str, pool: str, volsize: int) -> None:
-        """Local zvol (full size) and the sparse temp-write zvol, refusing leftovers."""
+    def prepare(self, zvol: str, pool: str, volsize: int, reuse: bool = False) -> None:
+        """Local zvol (full size) and the sparse temp-write zvol, refusing leftovers.
+
+        With ``reuse`` the local zvol is a copy kept here and only the
+        temp-write zvol is made.  A new local zvol that does not fit makes
+        room by destroying kept copies, oldest first.
+        """
         zfs = self.drivers.zfs
-        for name in (zvol, temp_name(zvol)):
+        for name in (temp_name(zvol),) if reuse else (zvol, temp_name(zvol)):
             if zfs.get_zvol(pool, name) is not None:
                 raise StateError(f"{pool}/{name} already exists on {self.svc.config.name} and may "
                                  "hold data not yet synced to the NAS; clean it up first "
                                  "(imgstorageadmin or rocks clean host storagemap)")
-        zfs.create_zvol(pool, zvol, volsize)
+        if not reuse:
+            self.svc.kept.make_room(pool, volsize, zvol)
+            zfs.create_zvol(pool, zvol, volsize)
         try:
             zfs.create_zvol(pool, temp_name(zvol), volsize, sparse=True)
         except ImgStorageError:
-            zfs.destroy(pool, zvol)
+            if not reuse:
+                zfs.destroy(pool, zvol)
             raise
 
     def create_snapshot_device(self, zvol: str, pool: str, bdev: str) -> int:
@@ -69,12 +77,13 @@ class ContainerSync:
         self.drivers.dm.create(dm_name(zvol), snapshot_table(sectors, bdev, cow))
         return sectors
 
-    def discard(self, zvol: str, pool: Optional[str]) -> None:
-        """Undo prepare(): only for a copy that never held the VM's only data."""
+    def discard(self, zvol: str, pool: Optional[str], keep_local: bool = False) -> None:
+        """Undo prepare(): only for a copy that never held the VM's only data
+        (``keep_local``: the local zvol is a kept copy, and stays)."""
         if self.drivers.dm.exists(dm_name(zvol)):
             self.drivers.dm.remove(dm_name(zvol))
         if pool:
-            for name in (temp_name(zvol), zvol):
+            for name in (temp_name(zvol),) if keep_local else (temp_name(zvol), zvol):
                 if self.drivers.zfs.get_zvol(pool, name) is not None:
                     syncsnaps.let_go(self.drivers.zfs, pool, name)
                     self.drivers.zfs.destroy(pool, name, recursive=True)

@@ -488,6 +488,29 @@ def test_add_host_storagemap_explicit_sync_and_pool(cluster):
        "img_sync=yes", "remotepool=fast")
 
 
+def test_keep_local_follows_the_containers_attribute_in_sync_mode_only(cluster):
+    ok("set", "host", "attr", "compute-0-14", "img_keep_local", "true")
+    cluster.rpc.expect("nas-0-0", MAP_MSG, {"bdev": "/dev/sdc"})    # direct: nothing to keep
+    ok("start", "host", "vm", "compute-0-14-0")
+    cluster.hyp.states["compute-0-14"] = {}
+    ok("set", "host", "attr", "compute-0-14", "img_sync", "true")
+    cluster.rpc.expect("nas-0-0", dict(MAP_MSG, sync=True, keep_local=True),
+                       {"bdev": "/dev/mapper/compute-0-14-0-vol-snap"})
+    ok("start", "host", "vm", "compute-0-14-0")
+
+
+def test_add_host_storagemap_keep_local(cluster):
+    ok("set", "host", "attr", "compute-0-3", "img_keep_local", "yes")
+    base = {"action": "map_zvol", "zpool": "tank", "zvol": "vol1", "remotehost": "compute-0-3",
+            "remotepool": "tank", "size": 10, "sync": True}
+    cluster.rpc.expect("nas-0-0", dict(base, keep_local=True), {"bdev": "/dev/mapper/vol1-snap"})
+    ok("add", "host", "storagemap", "nas-0-0", "tank", "vol1", "compute-0-3", "10",
+       "img_sync=true", "remotepool=tank")
+    cluster.rpc.expect("nas-0-0", base, {"bdev": "/dev/mapper/vol1-snap"})
+    ok("add", "host", "storagemap", "nas-0-0", "tank", "vol1", "compute-0-3", "10",
+       "img_sync=true", "remotepool=tank", "img_keep_local=false")
+
+
 def test_add_host_storagemap_sync_without_any_pool(cluster):
     ok("add", "host", "fe", "appliance=frontend")
     assert fails("add", "host", "storagemap", "nas-0-0", "tank", "vol1", "fe", "10",
@@ -509,6 +532,10 @@ def test_add_host_storagemap_sync_without_any_pool(cluster):
     (["compute-0-3", "tank", "vol1", "compute-0-3", "10"], "host compute-0-3 is not a NAS"),
     (["nas-0-0", "tank", "vol1", "compute,0-3", "10"], "invalid host name"),
     (["nas-0-0", "tank", "vol1", "compute-0-3", "10", "img_sync=perhaps"], "invalid img_sync"),
+    (["nas-0-0", "tank", "vol1", "compute-0-3", "10", "img_keep_local=true"],
+     "img_keep_local keeps a synced copy: it needs img_sync=true"),
+    (["nas-0-0", "tank", "vol1", "compute-0-3", "10", "img_sync=true", "remotepool=tank",
+      "img_keep_local=maybe"], "invalid img_keep_local"),
     (["nas-0-0", "tank", "vol1", "compute-0-3", "10", "timeout=-1"], "invalid timeout"),
     (["nas-0-0", "tank", "vol1", "compute-0-3", "10", "timeout=soon"], "invalid timeout"),
 ])

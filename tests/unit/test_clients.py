@@ -99,6 +99,24 @@ def test_nas_client_results():
         nas.get_attrs()
 
 
+def test_kept_dropped_is_a_notification():
+    rec = Recorder()
+    NasClient(rec, "nas-0-0", timeout=7).kept_dropped("vol1", host="compute-0-3",
+                                                      snapshot="IMG-STORAGE-2")
+    assert rec.requests == []
+    assert rec.notes == [("nas-0-0", {"action": "kept_dropped", "zvol": "vol1",
+                                      "host": "compute-0-3", "snapshot": "IMG-STORAGE-2"}, None)]
+
+
+def test_del_local_says_whether_the_copy_was_kept():
+    rec = Recorder({"del_local": {"kept": True}})
+    assert VmClient(rec, "compute-0-3").del_local("vol1", keep="s") is True
+    rec.answers["del_local"] = {"kept": "yes"}            # anything but true is "destroyed"
+    assert VmClient(rec, "compute-0-3").del_local("vol1", keep="s") is False
+    rec.answers["del_local"] = {}                          # an older container's answer
+    assert VmClient(rec, "compute-0-3").del_local("vol1") is False
+
+
 def test_a_method_timeout_overrides_the_clients():
     rec = Recorder()
     NasClient(rec, "nas-0-0", timeout=7).unmap_zvol("v", timeout=30)
@@ -160,6 +178,14 @@ VM_CASES = [
      {"action": "send_zvol", "zvol": "vol1", "snap": "s2", "base": "s1", "stream": True}),
     (lambda c: c.del_local("vol1"), {"action": "del_local", "zvol": "vol1"}),
     (lambda c: c.ping(), {"action": "ping"}),
+    # kept copies (img_keep_local)
+    (lambda c: c.del_local("vol1", keep="IMG-STORAGE-2"),
+     {"action": "del_local", "zvol": "vol1", "keep": "IMG-STORAGE-2"}),
+    (lambda c: c.recv_zvol("vol1", base="IMG-STORAGE-2", base_guid=12345, stream=True),
+     {"action": "recv_zvol", "zvol": "vol1", "base": "IMG-STORAGE-2", "base_guid": 12345,
+      "stream": True}),
+    (lambda c: c.recv_zvol("vol1", fresh=True),
+     {"action": "recv_zvol", "zvol": "vol1", "fresh": True}),
 ]
 
 VM_ANSWERS = {"list_dev": {"body": {}}, "initiator_name": {"initiator": "iqn.x"}}

@@ -126,9 +126,11 @@ def deliver(daemon: Daemon, body: dict, message_id: str) -> dict:
 
 ACTIONS = sorted(set(nas_handlers.MANAGEMENT) | {"map_zvol", "unmap_zvol", "del_zvol",
                                                  "sync_zvol", "recv_zvol", "send_zvol",
-                                                 "del_local", "zvol_synced", "format_disk"})
+                                                 "del_local", "zvol_synced", "format_disk",
+                                                 "kept_dropped"})
 FIELDS = ["zvol", "zpool", "remotehost", "remotepool", "size", "sync", "target", "nas", "attrs",
-          "token", "stream", "snap", "base", "chap", "volsize", "status", "resume_token", "restart"]
+          "token", "stream", "snap", "base", "chap", "volsize", "status", "resume_token", "restart",
+          "base_guid", "fresh", "keep", "keep_local", "host", "snapshot"]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))

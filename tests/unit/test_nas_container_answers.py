@@ -229,7 +229,7 @@ class NoStream:
     def __init__(self) -> None:
         self.uploads = []
 
-    def upload(self, row, open_source, job, rate) -> None:
+    def upload(self, row, open_source, job, rate, base=None) -> None:
         self.uploads.append(row.zvol)
 
 
@@ -272,3 +272,35 @@ def test_not_resumable_is_known_by_its_code_not_its_words():
                                      "not_resumable"))
     assert not not_resumable(RemoteError(HOST, "send_zvol", "cannot resume send: x", "driver"))
     assert not not_resumable(ValueError("cannot resume send"))
+
+
+# ------------------------------------------- a merge report ahead of the copy's record
+def test_a_merge_report_that_comes_before_the_copys_record_is_kept_for_it(nas):
+    """An empty temp-write store merges at once: the container's report can overtake the
+    answer to sync_zvol, and must not wait for the periodic merge check."""
+    service, containers = nas
+    iqn = put(service, "vol-quick", State.UPLOADING, target=True)
+    snap = "IMG-STORAGE-20261124T000000-000001"
+    service.drivers.zfs.snapshot(POOL, "vol-quick", snap)
+
+    def sync_zvol(message):
+        service.zvol_synced("vol-quick", True, None)       # arrives before the answer
+        return {"action": "sync_zvol", "status": "success"}
+    containers.answers["sync_zvol"] = sync_zvol
+    service.sync._hand_over(service.store.get("vol-quick"), snap, "snapshot")
+    row = service.store.get("vol-quick")
+    assert (row.state, row.iscsi_target) == (State.LOCAL.value, None)
+    assert iqn not in targets(service)
+    assert service.sync.early_reports == set()
+
+
+def test_a_report_of_an_earlier_mapping_is_forgotten_by_the_next_map(nas):
+    service, containers = nas
+    put(service, "vol-old", State.UPLOADING)
+    service.zvol_synced("vol-old", True, None)
+    assert service.sync.early_reports == {"vol-old"}
+    put_row(service.store, "vol-old", state=State.UNMAPPED.value, iscsi_target=None)
+    containers.answers["initiator_name"] = success(initiator=INITIATOR)
+    containers.answers["map_zvol"] = success(bdev="/dev/mapper/vol-old-snap")
+    service.map_zvol("vol-old", POOL, HOST, 1, POOL, True, 5)
+    assert service.sync.early_reports == set()

@@ -126,6 +126,12 @@ def test_listings_of_dm_sessions_and_domains(cluster):
     ["dmsetup", "status", "--host", "nas-0-0", "nosuch"],
     ["iscsi", "sessions", "--host", "gh ost"],
     ["domains", "--host", "ghost"],
+    ["zfs", "snapshots", "--host", "nas-0-0", "tank"],
+    ["zfs", "snapshots", "--host", "nas-0-0", "tank/nosuch"],
+    ["zfs", "release", "--host", "nas-0-0", "imgstorage", "tank/vm-1-vol"],
+    ["zfs", "release", "--host", "nas-0-0", "imgstorage", "tank/vm-1-vol@nosuch"],
+    ["zfs", "destroy", "--host", "nas-0-0", "tank/vm-1-vol@nosuch"],
+    ["zfs", "destroy", "--host", "nas-0-0", "tank/../x@s"],
     ["nonsense"],
 ])
 def test_bad_input_is_one_line_and_changes_nothing(cluster, args):
@@ -143,11 +149,30 @@ def test_bad_input_is_one_line_and_changes_nothing(cluster, args):
 @pytest.mark.parametrize("command", [[], ["zpool"], ["zpool", "create"], ["zpool", "list"],
                                      ["zfs"], ["zfs", "list"], ["write"], ["read"], ["dmsetup"],
                                      ["dmsetup", "status"], ["iscsi"], ["iscsi", "sessions"],
-                                     ["domains"]])
+                                     ["domains"], ["zfs", "snapshots"], ["zfs", "release"],
+                                     ["zfs", "destroy"]])
 def test_help_on_every_command(command):
     result = CliRunner().invoke(cli.cli, [*command, "--help"])
     assert result.exit_code == 0
     assert result.stdout.startswith("Usage: ")
+
+
+def test_snapshots_their_holds_release_and_destroy(cluster):
+    driver = zfs.SimZfs(cluster, "nas-0-0")
+    driver.snapshot("tank", "vm-1-vol", "s1")
+    driver.hold("tank", "vm-1-vol", "s1", "imgstorage-kept")
+    guid = driver.snapshot_guid("tank", "vm-1-vol", "s1")
+    out = run(cluster, "zfs", "snapshots", "--host", "nas-0-0", "tank/vm-1-vol").stdout
+    assert out.split() == ["NAME", "GUID", "HOLDS", "tank/vm-1-vol@s1", str(guid),
+                           "imgstorage-kept"]
+    held = run(cluster, "zfs", "destroy", "--host", "nas-0-0", "tank/vm-1-vol@s1")
+    assert held.exit_code == 1 and "busy" in held.stderr
+    assert run(cluster, "zfs", "release", "--host", "nas-0-0", "imgstorage-kept",
+               "tank/vm-1-vol@s1").exit_code == 0
+    assert run(cluster, "zfs", "destroy", "--host", "nas-0-0", "tank/vm-1-vol@s1").exit_code == 0
+    assert driver.list_snapshots("tank", "vm-1-vol") == []
+    out = run(cluster, "zfs", "snapshots", "--host", "nas-0-0", "tank/vm-1-vol").stdout
+    assert out == "no datasets available\n"
 
 
 def test_a_bare_group_shows_its_commands(root):

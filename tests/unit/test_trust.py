@@ -257,6 +257,46 @@ def test_the_owner_is_heard_and_an_administrator_too(container):
     assert service.row(ZVOL) is None
 
 
+def kept_here(service: VmService) -> None:
+    """A copy kept after the VM stopped, as NAS's final pull and its keep request left it."""
+    from imgstorage.vm.states import Event
+    zfs = service.drivers.zfs
+    zfs.create_zvol(POOL, ZVOL, SIZE)
+    zfs.snapshot(POOL, ZVOL, "IMG-STORAGE-1")
+    service.store.add(ZVOL, nas=NAS, nas_node=NAS, iscsi_target=TARGET, sync=True,
+                      remotepool=POOL)
+    for event in (Event.SNAPSHOTTED, Event.MERGE, Event.MERGED, Event.SWITCHED, Event.RELEASE):
+        service.store.transition(ZVOL, event)
+    service.store.transition(ZVOL, Event.KEEP, kept_snapshot="IMG-STORAGE-1", iscsi_target=None)
+
+
+def test_a_kept_copy_is_its_nas_alone_but_any_nas_may_map_over_it(container):
+    tmp_path, service, handlers = container
+    kept_here(service)
+    before = state(tmp_path)
+    for action, body in (("del_local", {}), ("recv_zvol", {"restart": True}), ("clean_zvol", {}),
+                         ("send_zvol", {"snap": "s"})):
+        with pytest.raises(ForbiddenError):
+            handlers[action](request(action, OTHER_NAS, zvol=ZVOL, **body))
+    assert state(tmp_path) == before
+    # the other NAS maps the zvol (say the VM's disk moved there): the kept copy goes
+    other = naming.target_iqn(OTHER_NAS, ZVOL)
+    sim_zfs.create_pool(tmp_path / "sim", OTHER_NAS, POOL, 1 << 40)
+    there = node_drivers(from_dict({"name": OTHER_NAS, "backend": "sim",
+                                    "sim_root": str(tmp_path / "sim"),
+                                    "db": str(tmp_path / "other.db")}))
+    there.zfs.create_zvol(POOL, ZVOL, SIZE)
+    there.target.create_target(other, there.zfs.device_path(POOL, ZVOL),
+                               service.initiator_name(), CHAP)
+    reply = handlers["map_zvol"](request(
+        "map_zvol", OTHER_NAS, zvol=ZVOL, target=other, nas=OTHER_NAS, sync=False,
+        chap={"userid": CHAP.userid, "password": CHAP.password}))
+    assert reply["status"] == "success"
+    row = service.row(ZVOL)
+    assert (row.state, row.nas_node) == ("attached", OTHER_NAS)
+    assert service.drivers.zfs.get_zvol(POOL, ZVOL) is None
+
+
 def test_a_nas_mapping_in_another_nas_name_is_refused_and_the_row_records_the_sender(container):
     tmp_path, service, handlers = container
     before = state(tmp_path)

@@ -8,8 +8,9 @@ from imgstorage.errors import StateError
 from imgstorage.protocol import ContainerState
 from imgstorage.vm import states
 from imgstorage.vm.models import Base
-from imgstorage.vm.states import (AT_RISK, GONE, HOLDS_TEMP, IN_SERVICE, KERNEL, REBUILDABLE,
-                                  START, TRANSITIONS, UNMAP_FROM, Event, State, next_state)
+from imgstorage.vm.states import (AT_RISK, GONE, HOLDS_COPY, HOLDS_TEMP, IN_SERVICE, KEPT_STATES,
+                                  KERNEL, REBUILDABLE, START, TRANSITIONS, UNMAP_FROM, Event,
+                                  State, next_state)
 from imgstorage.vm.store import VmStore
 
 
@@ -42,6 +43,43 @@ def test_sync_life_through_the_local_copy():
 def test_sync_unmap_before_the_copy_flushes_home():
     assert walk(Event.SNAPSHOTTED, Event.FLUSH, Event.FLUSHED, Event.DETACHED) == [
         "attaching", "snapshot", "flushing", "flushed", None]
+
+
+def test_a_kept_copy_after_the_final_pull_and_its_reuse():
+    assert walk(Event.SNAPSHOTTED, Event.MERGE, Event.MERGED, Event.SWITCHED, Event.RELEASE,
+                Event.KEEP, Event.REUSE, Event.SNAPSHOTTED, Event.MERGE) == [
+        "attaching", "snapshot", "merging", "switching", "local", "detached_local", "kept",
+        "attaching", "snapshot", "merging"]
+
+
+def test_a_kept_copy_goes_back_to_kept_when_its_map_fails_or_flushes_home():
+    assert next_state("kept", Event.REUSE) is State.ATTACHING
+    assert next_state("attaching", Event.UNUSED) is State.KEPT
+    assert next_state("flushed", Event.KEEP) is State.KEPT
+    assert next_state("attaching", Event.FAILED) is GONE      # a new row still goes
+
+
+def test_a_kept_copy_is_destroyed_by_its_nas_or_for_room():
+    assert next_state("kept", Event.DELETED) is GONE
+    assert next_state("kept", Event.DROPPED) is GONE
+    assert next_state("kept", Event.CLEANED) is GONE
+
+
+@pytest.mark.parametrize("event", [Event.DETACH, Event.RELEASE, Event.MERGE, Event.FLUSH,
+                                   Event.BROKE, Event.KEEP, Event.SNAPSHOTTED])
+def test_a_kept_copy_takes_no_device_event(event):
+    with pytest.raises(StateError):
+        next_state("kept", event)
+
+
+def test_a_kept_copy_holds_nothing_the_nas_lacks_and_no_device():
+    assert KEPT_STATES == {State.KEPT}
+    assert KERNEL[State.KEPT] == states.Kernel()
+    for derived in (AT_RISK, HOLDS_COPY, HOLDS_TEMP, IN_SERVICE, REBUILDABLE, UNMAP_FROM):
+        assert State.KEPT not in derived
+    # only a copy the NAS has pulled home, or one whose flush sent every write home, is kept
+    assert {s for (s, e), t in TRANSITIONS.items() if t is State.KEPT} == {
+        State.DETACHED_LOCAL, State.FLUSHED, State.ATTACHING}
 
 
 def test_a_failed_attach_forgets_the_row_and_a_refused_merge_returns_to_snapshot():
@@ -82,7 +120,7 @@ def test_broken_rows_return_to_where_they_broke():
 def test_derived_sets():
     assert REBUILDABLE == {State.ATTACHED, State.SNAPSHOT, State.MERGING, State.LOCAL,
                            State.FLUSHING}
-    assert UNMAP_FROM == set(State) - {State.ATTACHING, State.BROKEN}
+    assert UNMAP_FROM == set(State) - {State.ATTACHING, State.BROKEN, State.KEPT}
     assert AT_RISK == {State.SNAPSHOT, State.MERGING, State.SWITCHING, State.LOCAL,
                        State.FLUSHING, State.DETACHED_LOCAL, State.BROKEN}
     assert HOLDS_TEMP == {State.SNAPSHOT, State.MERGING, State.FLUSHING}

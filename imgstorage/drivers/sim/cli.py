@@ -190,6 +190,62 @@ def zfs_list(ctx: click.Context, host: str) -> None:
     _table(["NAME", "USED", "AVAIL", "REFER", "MOUNTPOINT"], rows, right=(1, 2, 3))
 
 
+def _snapshot_ref(text: str) -> tuple:
+    """``POOL/ZVOL@SNAP`` as its three names."""
+    m = re.fullmatch(r"([^/@]+)/([^/@]+)@([^/@]+)", text or "")
+    if not m:
+        raise ValidationError(f"invalid snapshot {text!r}: expected POOL/ZVOL@SNAPSHOT")
+    return m.group(1), m.group(2), m.group(3)
+
+
+def _zvol_ref(text: str) -> tuple:
+    m = re.fullmatch(r"([^/@]+)/([^/@]+)", text or "")
+    if not m:
+        raise ValidationError(f"invalid zvol {text!r}: expected POOL/ZVOL")
+    return m.group(1), m.group(2)
+
+
+@zfs_group.command("snapshots")
+@_host_option
+@click.argument("zvol")
+@click.pass_context
+def zfs_snapshots(ctx: click.Context, host: str, zvol: str) -> None:
+    """Snapshots of POOL/ZVOL on HOST, oldest first, with their guid and holds."""
+    root = _root(ctx)
+    driver = zfs.SimZfs(root, _known(root, host))
+    pool, name = _zvol_ref(zvol)
+    rows = [[f"{pool}/{name}@{snap}", str(driver.snapshot_guid(pool, name, snap)),
+             ",".join(driver.holds(pool, name, snap)) or "-"]
+            for snap in driver.list_snapshots(pool, name)]
+    if not rows:
+        click.echo("no datasets available")
+        return
+    _table(["NAME", "GUID", "HOLDS"], rows)
+
+
+@zfs_group.command("release")
+@_host_option
+@click.argument("tag")
+@click.argument("snapshot")
+@click.pass_context
+def zfs_release(ctx: click.Context, host: str, tag: str, snapshot: str) -> None:
+    """Release the hold TAG on POOL/ZVOL@SNAP (``zfs release``)."""
+    root = _root(ctx)
+    pool, name, snap = _snapshot_ref(snapshot)
+    zfs.SimZfs(root, _known(root, host)).release(pool, name, snap, tag)
+
+
+@zfs_group.command("destroy")
+@_host_option
+@click.argument("snapshot")
+@click.pass_context
+def zfs_destroy(ctx: click.Context, host: str, snapshot: str) -> None:
+    """Destroy the snapshot POOL/ZVOL@SNAP (refused while it is held)."""
+    root = _root(ctx)
+    pool, name, snap = _snapshot_ref(snapshot)
+    zfs.SimZfs(root, _known(root, host)).destroy_snapshot(pool, name, snap)
+
+
 @cli.command("write")
 @_host_option
 @click.option("--offset", default="0", show_default=True, help="Byte offset to write at.")

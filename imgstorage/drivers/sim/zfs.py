@@ -230,12 +230,39 @@ class SimZfs:
     def holds(self, pool: str, zvol: str, snap: str) -> List[str]:
         return self._volume(pool, zvol).holds(snapshot_name(snap))
 
-    def rollback(self, pool: str, zvol: str, snap: str) -> None:
-        """``zfs rollback`` to the most recent snapshot (not part of the driver protocol).
+    def rollback(self, pool: str, zvol: str, snap: str, recursive: bool = False) -> None:
+        """``zfs rollback [-r]``: the zvol becomes ``snap`` again.
 
-        Lets a test or a tool throw away what was written since the last sync.
+        Without ``recursive`` only the most recent snapshot will do; with it
+        the later ones are destroyed first, and a hold on any of them refuses
+        the whole rollback before anything changed.
         """
-        self._volume(pool, zvol).rollback(snapshot_name(snap))
+        name = snapshot_name(snap)
+        vol = self._volume(pool, zvol)
+        if recursive and vol.exists():
+            snaps = vol.snapshots()
+            names = [s.name for s in snaps]
+            if name in names:
+                later = snaps[names.index(name) + 1:]
+                for s in later:
+                    if s.holds:
+                        raise vol.held(s)
+                for s in reversed(later):
+                    self.destroy_snapshot(pool, zvol, s.name)
+        vol.rollback(name)
+
+    def snapshot_guid(self, pool: str, zvol: str, snap: str) -> int:
+        """A snapshot's guid; a received snapshot has its sender's."""
+        vol = self._volume(pool, zvol)
+        name = snapshot_name(snap)
+        for s in vol.snapshots() if vol.exists() else []:
+            if s.name == name:
+                return s.guid
+        raise DriverError(f"cannot open '{vol.label}@{name}': dataset does not exist")
+
+    def pool_available(self, pool: str) -> int:
+        """What a new thick zvol may still reserve in ``pool``."""
+        return self.pool_usage(pool)["avail"]
 
     # ----------------------------------------------------------- streams
     def send_size(self, pool: str, zvol: str, snap: str, base: Optional[str] = None) -> int:
