@@ -828,3 +828,158 @@ SCENARIOS = [("direct-iscsi", direct_iscsi), ("sync-mode", sync_mode),
              ("restart-daemons", restart_daemons), ("dm-by-hand", dm_by_hand),
              ("zfs-streams-by-hand", zfs_streams_by_hand),
              ("zfs-resume-by-hand", zfs_resume_by_hand), ("kill-and-resume", kill_and_resume)]
+
+
+# ------------------------------------------------------------ warm restarts
+KEPT_TAG = "imgstorage-kept"
+
+
+def keep_map(c: KernelCluster, zvol: str) -> str:
+    """A sync map that asks the container to keep its copy after the stop."""
+    lines = c.ok("add", "host", "storagemap", NAS, POOL, zvol, CONTAINER, "1", "img_sync=true",
+                 f"remotepool={POOL}", "img_keep_local=true").splitlines()
+    assert lines[-1] == f"/dev/mapper/{zvol}-snap", lines
+    return lines[-1]
+
+
+def _go_local(c: KernelCluster, zvol: str) -> None:
+    g = c.container
+    wait_until("dm linear", lambda: "linear" in g.sh("dmsetup", "table", f"{zvol}-snap"),
+               timeout=600)
+    wait_state(c, zvol, "mapped")
+
+
+def _stop_and_keep(c: KernelCluster, zvol: str) -> None:
+    unmap_zvol(c, zvol)
+    wait_state(c, zvol, "unmapped", timeout=600)
+    row = storagemap(c)[zvol]
+    assert not row.get("last_error"), row
+    wait_until(f"{zvol} kept on {CONTAINER}",
+               lambda: (storagedev(c).get(zvol) or {}).get("status") == "kept",
+               timeout=120, show=lambda: storagedev(c).get(zvol))
+
+
+def _copies(c: KernelCluster, zvol: str) -> Tuple[List[str], List[int]]:
+    """From the NAS daemon's log: how each NAS->VM copy started, and the bytes each sent."""
+    log = _nas_log(c)
+    kinds = re.findall(rf"NAS->VM copy of {zvol} to \S+ started \(\d+ bytes, (full|incremental "
+                       rf"from \S+), ", log)
+    sent = [int(n) for n in re.findall(rf"NAS->VM copy of {zvol} done: (\d+) bytes", log)]
+    return [k.split(",")[0] for k in kinds], sent
+
+
+def _held(c: KernelCluster, guest, zvol: str) -> Dict[str, List[str]]:
+    """Every snapshot of ``zvol`` in ``guest`` with its hold tags."""
+    out = {}
+    for snap in guest.sh("zfs", "list", "-H", "-o", "name", "-t", "snapshot", "-d", "1",
+                         f"{POOL}/{zvol}").split():
+        lines = guest.sh("zfs", "holds", "-H", snap).splitlines()
+        out[snap] = [line.split("\t")[1] for line in lines if line.strip()]
+    return out
+
+
+def _rollback_by_hand(c: KernelCluster) -> None:
+    """zfs rollback on a small zvol of the NAS: what it prints when later snapshots exist,
+    when one of them is held, and when the snapshot is missing."""
+    n = c.nas
+    ds = f"{POOL}/kroll"
+    try:
+        n.sh("zfs", "create", "-s", "-V", "16M", ds)
+        n.sh("udevadm", "settle")
+        dev = f"/dev/zvol/{ds}"
+        first = writes(94, [(0, MIB)])
+        n.write(dev, first)
+        n.sh("zfs", "snapshot", f"{ds}@s1")
+        n.write(dev, writes(95, [(0, MIB)]))
+        n.sh("zfs", "snapshot", f"{ds}@s2")
+        n.write(dev, writes(96, [(0, MIB)]))
+        c.rec(n, "zfs/real_rollback_later", "zfs", "rollback", f"{ds}@s1",
+              note="zfsutils-linux 2.1.11; a later snapshot exists")
+        n.sh("zfs", "hold", "someone", f"{ds}@s2")
+        c.rec(n, "zfs/real_rollback_held", "zfs", "rollback", "-r", f"{ds}@s1",
+              note="the later snapshot is held")
+        n.sh("zfs", "release", "someone", f"{ds}@s2")
+        c.rec(n, "zfs/real_rollback_missing", "zfs", "rollback", "-r", f"{ds}@gone",
+              note="the snapshot does not exist")
+        c.rec(n, "zfs/real_rollback_ok", "zfs", "rollback", "-r", f"{ds}@s1",
+              note="destroys s2 and the writes made since s1")
+        snaps = n.sh("zfs", "list", "-H", "-o", "name", "-t", "snapshot", "-d", "1", ds).split()
+        assert snaps == [f"{ds}@s1"], snaps
+        image = Image(16 * MIB)
+        image.apply(first)
+        assert_holds(c, n, dev, image, "the zvol after zfs rollback -r")
+    finally:
+        n.result("zfs", "release", "someone", f"{ds}@s2")
+        n.result("zfs", "destroy", "-r", ds)
+
+
+def warm_restart(c: KernelCluster, note: Callable[[str], None]) -> None:
+    """img_keep_local: the stop leaves the container's copy; the next start sends only what
+    changed on the NAS meanwhile; removing the image drops the copy and the NAS's hold."""
+    zvol = "kwarm"
+    g, n = c.container, c.nas
+    image = prepare(c, zvol, 91)
+    device = keep_map(c, zvol)
+    _go_local(c, zvol)
+    w1 = writes(92, [(40 * MIB, 2 * MIB), (300 * MIB, 256 * KIB)])
+    g.write(device, w1)
+    image.apply(w1)
+    _stop_and_keep(c, zvol)
+    assert_holds(c, n, nas_device(zvol), image, "the NAS zvol after the first stop")
+    names = g.sh("zfs", "list", "-H", "-o", "name", "-t", "all").split()
+    assert f"{POOL}/{zvol}" in names and f"{POOL}/{zvol}-temp-write" not in names, names
+    assert f"{zvol}-snap" not in g.sh("dmsetup", "ls"), "the dm device stayed"
+    held = {s: t for s, t in _held(c, n, zvol).items() if KEPT_TAG in t}
+    assert len(held) == 1, _held(c, n, zvol)
+    base = next(iter(held))
+    there = list(_held(c, g, zvol))
+    assert f"{POOL}/{zvol}@{base.split('@')[1]}" in there, (base, there)
+    c.rec(n, "zfs/real_get_guid", "zfs", "get", "-Hp", "-o", "value", "guid", base,
+          note="zfsutils-linux 2.1.11; the snapshot a container keeps a copy of")
+    c.rec(g, "zfs/real_get_guid_received", "zfs", "get", "-Hp", "-o", "value", "guid", base,
+          note="the same snapshot received on the container")
+    guid = n.sh("zfs", "get", "-Hp", "-o", "value", "guid", base).strip()
+    assert guid.isdigit() and g.sh("zfs", "get", "-Hp", "-o", "value", "guid",
+                                   base).strip() == guid, guid
+    c.rec(n, "zfs/real_get_guid_missing", "zfs", "get", "-Hp", "-o", "value", "guid",
+          f"{POOL}/{zvol}@gone", note="the snapshot does not exist")
+    c.rec(n, "zfs/real_holds_kept", "zfs", "holds", "-H", base,
+          note="a snapshot a container keeps a copy of")
+    c.rec(n, "zfs/real_get_available", "zfs", "get", "-Hp", "-o", "value", "available", POOL,
+          note="zfsutils-linux 2.1.11; bytes")
+    c.rec(n, "zfs/real_get_available_missing", "zfs", "get", "-Hp", "-o", "value", "available",
+          "nopool", note="no such pool")
+
+    # the VM ran on the NAS meanwhile: a few blocks change there
+    w2 = writes(93, [(64 * MIB, 128 * KIB), (700 * MIB, 128 * KIB)])
+    n.write(nas_device(zvol), w2)
+    image.apply(w2)
+    device = keep_map(c, zvol)
+    _go_local(c, zvol)
+    kinds, sent = _copies(c, zvol)
+    assert len(kinds) == 2 and kinds[0] == "full" and kinds[1] == f"incremental from " \
+        f"{base.split('@')[1]}", kinds
+    assert len(sent) == 2 and sent[1] * 10 < sent[0], sent
+    note(f"second copy {sent[1]} bytes, first {sent[0]}")
+    seconds = assert_holds(c, g, device, image, "the container's disk after the warm start")
+    note(f"container checksum {seconds:.1f}s")
+    w3 = writes(97, [(128 * MIB, MIB), (GIB - 256 * KIB, 128 * KIB)])
+    g.write(device, w3)
+    image.apply(w3)
+    _stop_and_keep(c, zvol)
+    assert_holds(c, n, nas_device(zvol), image, "the NAS zvol after the second stop")
+    _rollback_by_hand(c)
+
+    remove_image(c, zvol)
+    wait_until("the kept copy gone from the container", lambda: not any(
+        name.split("@")[0] in (f"{POOL}/{zvol}", f"{POOL}/{zvol}-temp-write")
+        for name in g.sh("zfs", "list", "-H", "-o", "name", "-t", "all").split()),
+        timeout=120, show=lambda: g.sh("zfs", "list", "-H", "-o", "name", "-t", "all"))
+    assert zvol not in storagedev(c), storagedev(c)
+    left = n.sh("zfs", "list", "-H", "-o", "name", "-t", "snapshot", "-r", POOL).split()
+    tags = {s: n.sh("zfs", "holds", "-H", s) for s in left}
+    assert not any(KEPT_TAG in t for t in tags.values()), tags
+    assert_container_clean(c, zvol)
+
+
+SCENARIOS.append(("warm-restart", warm_restart))
