@@ -1,6 +1,8 @@
 """What kept copies need from ZFS: a snapshot's guid, rollback, a pool's free space, holds."""
 from __future__ import annotations
 
+from typing import List, Tuple
+
 import pytest
 
 from imgstorage import syncsnaps
@@ -8,10 +10,9 @@ from imgstorage.drivers.base import HOLD_TAG, KEPT_TAG
 from imgstorage.drivers.sim import zfs as simzfs
 from imgstorage.drivers.sim.blockdev import open_device
 from imgstorage.drivers.zfs import ZfsCli
-from imgstorage.errors import DriverError, NotFoundError
-from tests.unit.replay import ReplayRunner
+from imgstorage.errors import CommandError, DriverError, NotFoundError
+from tests.unit.replay import ReplayRunner, load_fixture
 
-SNAP = "IMG-STORAGE-20261124T163800-0a1b2c"
 MIB = 1 << 20
 
 
@@ -20,18 +21,31 @@ def cli(runner) -> ZfsCli:
 
 
 # ------------------------------------------------------------- the real tools
-def test_guid_of_a_snapshot():
-    runner = ReplayRunner().expect(
-        ["zfs", "get", "-Hp", "-o", "value", "guid", f"tank/vm-disk@{SNAP}"], "zfs/get_guid.txt")
-    assert cli(runner).snapshot_guid("tank", "vm-disk", SNAP) == 9318450329157614077
+# Recorded on the real kernel by tests/kernel/run --record (the warm-restart scenario):
+# each fixture's own command line is the argv the driver must build.
+def recorded(name: str) -> Tuple[List[str], str]:
+    fixture = f"zfs/{name}.txt"
+    return load_fixture(fixture).command.split(), fixture
+
+
+def snapshot_of(argv: List[str]) -> Tuple[str, str, str]:
+    dataset, snap = argv[-1].split("@")
+    pool, zvol = dataset.split("/", 1)
+    return pool, zvol, snap
+
+
+def test_guid_of_a_snapshot_is_the_same_on_the_host_that_received_it():
+    argv, fixture = recorded("real_get_guid")
+    guid = cli(ReplayRunner().expect(argv, fixture)).snapshot_guid(*snapshot_of(argv))
+    assert guid > 0 and str(guid) == load_fixture(fixture).stdout.strip()
+    argv, fixture = recorded("real_get_guid_received")
+    assert cli(ReplayRunner().expect(argv, fixture)).snapshot_guid(*snapshot_of(argv)) == guid
 
 
 def test_guid_of_a_missing_snapshot_is_not_found():
-    runner = ReplayRunner().expect(
-        ["zfs", "get", "-Hp", "-o", "value", "guid", "tank/vm-disk@gone"],
-        "zfs/get_guid_missing.txt")
+    argv, fixture = recorded("real_get_guid_missing")
     with pytest.raises(NotFoundError, match="dataset does not exist"):
-        cli(runner).snapshot_guid("tank", "vm-disk", "gone")
+        cli(ReplayRunner().expect(argv, fixture)).snapshot_guid(*snapshot_of(argv))
 
 
 def test_guid_that_is_not_a_number_is_an_error():
@@ -41,30 +55,45 @@ def test_guid_that_is_not_a_number_is_an_error():
         cli(runner).snapshot_guid("tank", "vm-disk", "s")
 
 
-def test_rollback_destroying_later_snapshots():
-    runner = ReplayRunner().expect(["zfs", "rollback", "-r", f"tank/vm-disk@{SNAP}"],
-                                   "zfs/rollback_ok.txt")
-    cli(runner).rollback("tank", "vm-disk", SNAP, recursive=True)
-    runner = ReplayRunner().expect(["zfs", "rollback", f"tank/vm-disk@{SNAP}"],
-                                   "zfs/rollback_ok.txt")
-    cli(runner).rollback("tank", "vm-disk", SNAP)
+def test_recursive_rollback():
+    argv, fixture = recorded("real_rollback_ok")
+    assert argv[:3] == ["zfs", "rollback", "-r"]
+    cli(ReplayRunner().expect(argv, fixture)).rollback(*snapshot_of(argv), recursive=True)
+
+
+def test_rollback_past_a_later_snapshot_needs_recursive():
+    argv, fixture = recorded("real_rollback_later")
+    assert argv[:2] == ["zfs", "rollback"] and "-r" not in argv
+    with pytest.raises(CommandError, match="more recent snapshots"):
+        cli(ReplayRunner().expect(argv, fixture)).rollback(*snapshot_of(argv))
+
+
+def test_rollback_past_a_held_snapshot_is_refused():
+    argv, fixture = recorded("real_rollback_held")
+    with pytest.raises(CommandError, match="busy"):
+        cli(ReplayRunner().expect(argv, fixture)).rollback(*snapshot_of(argv), recursive=True)
 
 
 def test_rollback_to_a_missing_snapshot_is_not_found():
-    runner = ReplayRunner().expect(["zfs", "rollback", "-r", "tank/vm-disk@gone"],
-                                   "zfs/rollback_missing.txt")
-    with pytest.raises(NotFoundError):
-        cli(runner).rollback("tank", "vm-disk", "gone", recursive=True)
+    argv, fixture = recorded("real_rollback_missing")
+    with pytest.raises(NotFoundError, match="dataset does not exist"):
+        cli(ReplayRunner().expect(argv, fixture)).rollback(*snapshot_of(argv), recursive=True)
 
 
 def test_pool_available():
-    runner = ReplayRunner().expect(["zfs", "get", "-Hp", "-o", "value", "available", "tank"],
-                                   "zfs/get_available.txt")
-    assert cli(runner).pool_available("tank") == 5049942016
-    runner = ReplayRunner().expect(["zfs", "get", "-Hp", "-o", "value", "available", "nopool"],
-                                   "zfs/get_available_missing.txt")
-    with pytest.raises(NotFoundError):
-        cli(runner).pool_available("nopool")
+    argv, fixture = recorded("real_get_available")
+    free = cli(ReplayRunner().expect(argv, fixture)).pool_available(argv[-1])
+    assert free > 0 and str(free) == load_fixture(fixture).stdout.strip()
+    argv, fixture = recorded("real_get_available_missing")
+    with pytest.raises(NotFoundError, match="dataset does not exist"):
+        cli(ReplayRunner().expect(argv, fixture)).pool_available(argv[-1])
+
+
+def test_the_hold_of_a_kept_copy():
+    argv, fixture = recorded("real_holds_kept")
+    assert argv[:3] == ["zfs", "holds", "-H"]
+    tags = cli(ReplayRunner().expect(argv, fixture)).holds(*snapshot_of(argv))
+    assert KEPT_TAG in tags, tags
 
 
 # -------------------------------------------------------------- the simulation
