@@ -5,7 +5,7 @@ tests/unit/replay.py).  Fixtures recorded here come from Debian bookworm's
 own tools on its own kernel, so a driver that parses them is tested against
 the real thing, not against what someone thought it prints.
 
-Used by the ``record-fixtures`` scenario (``tests/kernel/run -k record``),
+Used through ``tests/kernel/run --record`` (any scenario's ``c.rec(...)`` calls),
 which writes into ``tests/fixtures/<tool>/real_*.txt``.
 """
 from __future__ import annotations
