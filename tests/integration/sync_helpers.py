@@ -414,3 +414,17 @@ def kill(c, node: str) -> None:
 
 def log_of(c, node: str) -> str:
     return c.log_path(node).read_text(errors="replace")
+
+
+def slow_zfs(c, host: str, seconds) -> None:
+    """Restart ``host``'s daemon with every simulated zfs command taking ``seconds``
+    (None: as fast as the simulation goes)."""
+    settings = c.node_settings.setdefault(host, {})
+    if seconds is None:
+        settings.pop("sim_latency", None)
+    else:
+        settings["sim_latency"] = {"zfs": seconds}
+    c.write_config(host)
+    if c.procs.get(host) is not None and c.procs[host].poll() is None:
+        c.stop(host)
+        c.start([host])

@@ -21,7 +21,7 @@ from .conftest import ok
 from .sync_helpers import (FAST, KIB, MIB, NAS, POOL, REGION, SLOW, Image, assert_container_clean,
                            assert_nas_holds, diagnose, do_writes, kill, log_of, nas_row,
                            nas_state, phase_writes, prepare_zvol, read, set_zvolattr, sim,
-                           sync_cluster_body, sync_map, target_of, unmap, wait_display,
+                           slow_zfs, sync_cluster_body, sync_map, target_of, unmap, wait_display,
                            wait_local, wait_nas_state, wait_until, write, write_between_pulls)
 
 BASE = 3 * MIB
@@ -140,14 +140,18 @@ def test_a_nas_rebooted_during_the_final_pull_brings_the_disk_home(rc):
     dev = sync_map(c, zvol, host)
     wait_local(c, host, zvol)
     do_writes(c, host, dev, image, [(0, rng.randbytes(REGION))])
-    far = rng.randbytes(32 * MIB)                  # a stream long enough to be cut
+    far = rng.randbytes(32 * MIB)
     write(c, host, dev, 256 * MIB, far)
+    # The final pull is never throttled and starts as soon as the unmap is answered, so
+    # it could end before the reboot below; a container whose zfs commands take 1.5 s
+    # each (snapshot, then send) cannot finish it first.
+    slow_zfs(c, host, 1.5)
     unmap(c, zvol)
     reboot_nas(c)
-    # the pull may have come home already, with the copy not yet released
-    assert nas_state(c, zvol) in ("final_pull", "releasing"), diagnose(c, zvol)
+    assert nas_state(c, zvol) == "final_pull", diagnose(c, zvol)
     assert restart_nas(c) == (0, 0)
     wait_nas_state(c, zvol, "unmapped", timeout=120)
+    slow_zfs(c, host, None)
     assert nas_row(c, zvol)["last_error"] is None, diagnose(c, zvol)
     assert_nas_holds(c, zvol, image, tail)
     assert read(c, NAS, f"/dev/zvol/{POOL}/{zvol}", 256 * MIB, 32 * MIB) == far

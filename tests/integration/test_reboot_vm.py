@@ -23,7 +23,7 @@ from .conftest import ok
 from .sync_helpers import (FAST, KIB, MIB, NAS, POOL, REGION, SLOW, assert_container_clean,
                            assert_nas_holds, diagnose, do_writes, kill, log_of, nas_row,
                            nas_state, phase_writes, prepare_zvol, read, set_zvolattr, sim,
-                           storagedev, sync_cluster_body, wait_display, wait_local,
+                           slow_zfs, storagedev, sync_cluster_body, wait_display, wait_local,
                            wait_nas_state, wait_until, write, write_between_pulls)
 
 REBUILT = re.compile(r"rebuilt the devices of (\d+) zvol\(s\) after a restart of the host")
@@ -54,20 +54,6 @@ def reboot_container(c, host: str) -> None:
     kill(c, host)
     out = ok(sim(c, host, "reboot", "--host", host))
     assert out.splitlines()[-1].startswith(f"rebooted {host}: "), out
-
-
-def slow_zfs(c, host: str, seconds) -> None:
-    """Restart ``host``'s daemon with every simulated zfs command taking ``seconds``
-    (None: as fast as the simulation goes)."""
-    settings = c.node_settings.setdefault(host, {})
-    if seconds is None:
-        settings.pop("sim_latency", None)
-    else:
-        settings["sim_latency"] = {"zfs": seconds}
-    c.write_config(host)
-    if c.procs.get(host) is not None and c.procs[host].poll() is None:
-        c.stop(host)
-        c.start([host])
 
 
 def test_rebooted_containers_rebuild_every_device_and_lose_nothing(rc):
