@@ -17,7 +17,6 @@ on fresh volumes.
 """
 from __future__ import annotations
 
-import argparse
 import random
 import shutil
 import statistics
@@ -109,19 +108,7 @@ def run(size_mib: int, percent: float, rounds: int) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-mib", type=int, default=512, help="zvol size (default 512)")
-    parser.add_argument("--percent", type=float, default=1.0,
-                        help="share of the blocks the VM changes (default 1)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
-    args = parser.parse_args()
-    if args.size_mib < 1 or args.rounds < 1 or not 0 < args.percent <= 100:
-        parser.error("--size-mib and --rounds must be at least 1, --percent in (0, 100]")
-    try:
-        return run(args.size_mib, args.percent, args.rounds)
-    except (common.ImgStorageError, OSError) as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        return 1
+    return common.sized_main(__doc__, "the VM changes", run)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ ratios, and whether the container's copy ended equal to the NAS's zvol.
 """
 from __future__ import annotations
 
-import argparse
 import random
 import re
 import statistics
@@ -41,17 +40,6 @@ def _lines(bench: common.BenchCluster, node: str, pattern: str) -> List[str]:
     return [line for line in bench.log_lines(node) if re.search(pattern, line)]
 
 
-def _wait(what: str, probe, timeout: float = 300.0, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise common.ImgStorageError(f"waited {timeout:g} s for {what}")
-        time.sleep(interval)
-
-
 def start(bench: common.BenchCluster, zvol: str) -> Dict:
     """Map with keep_local; seconds from the answer to the container's switch, bytes sent."""
     merged = rf"zvol {re.escape(zvol)} merged in .*running from the local copy"
@@ -60,7 +48,7 @@ def start(bench: common.BenchCluster, zvol: str) -> Dict:
                                        remotepool=POOL, sync=True, keep_local=True,
                                        timeout=120)
     answered = time.time()
-    line = _wait(f"{zvol} running locally", lambda: (
+    line = common.wait_until(f"{zvol} running locally", lambda: (
         lambda found: found[before] if len(found) > before else None)(
         _lines(bench, CONTAINER, merged)))
     bench.wait_lifecycle(zvol, ["local"])
@@ -78,7 +66,7 @@ def stop(bench: common.BenchCluster, zvol: str) -> None:
     """Unmap; the final pull comes home and the container keeps its copy."""
     NasClient(bench.rpc, NAS).unmap_zvol(zvol, timeout=120)
     bench.wait_lifecycle(zvol, ["unmapped"])
-    _wait(f"{zvol} kept on {CONTAINER}", lambda: (VmClient(bench.rpc, CONTAINER).list_dev(
+    common.wait_until(f"{zvol} kept on {CONTAINER}", lambda: (VmClient(bench.rpc, CONTAINER).list_dev(
         timeout=30).get(zvol) or {}).get("status") == "kept")
 
 
@@ -147,19 +135,7 @@ def run(size_mib: int, percent: float, rounds: int) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-mib", type=int, default=512, help="zvol size (default 512)")
-    parser.add_argument("--percent", type=float, default=1.0,
-                        help="share of the blocks changed on the NAS (default 1)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
-    args = parser.parse_args(argv)
-    if args.size_mib < 1 or args.rounds < 1 or not 0 < args.percent <= 100:
-        parser.error("--size-mib and --rounds must be at least 1, --percent in (0, 100]")
-    try:
-        return run(args.size_mib, args.percent, args.rounds)
-    except (common.ImgStorageError, OSError) as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        return 1
+    return common.sized_main(__doc__, "changed on the NAS", run, argv)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ when a benchmark is interrupted.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ import uuid
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:          # run from a checkout without installing
@@ -115,6 +116,37 @@ def file_digest(path: Path) -> str:
 
 
 # ---------------------------------------------------------- simulated ZFS
+def wait_until(what: str, probe: Callable[[], object], timeout: float = 300.0,
+               interval: float = 0.02):
+    """Poll ``probe`` until it returns something true, and return that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise ImgStorageError(f"waited {timeout:g} s for {what}")
+        time.sleep(interval)
+
+
+def sized_main(doc: str, percent_help: str, run: Callable[[int, float, int], int],
+               argv: Optional[Sequence[str]] = None) -> int:
+    """The command line of a benchmark over a volume of --size-mib with --percent changed."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--size-mib", type=int, default=512, help="zvol size (default 512)")
+    parser.add_argument("--percent", type=float, default=1.0,
+                        help=f"share of the blocks {percent_help} (default 1)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
+    args = parser.parse_args(argv)
+    if args.size_mib < 1 or args.rounds < 1 or not 0 < args.percent <= 100:
+        parser.error("--size-mib and --rounds must be at least 1, --percent in (0, 100]")
+    try:
+        return run(args.size_mib, args.percent, args.rounds)
+    except (ImgStorageError, OSError) as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        return 1
+
+
 def round_to_block(size: int) -> int:
     return max(VOLBLOCKSIZE, size // VOLBLOCKSIZE * VOLBLOCKSIZE)
 
