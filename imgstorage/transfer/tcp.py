@@ -112,7 +112,26 @@ def _connect(host: str, port: int, token: str, connect_timeout: float,
     return sock, peer
 
 
-class SocketSink:
+class _SendingEnd:
+    """What both sending ends (connecting and served) do when the stream must stop."""
+
+    sock: socket.socket
+    _writer: FrameWriter
+    _closed: bool
+
+    def fail(self, message: str) -> None:
+        """Stop sending and tell the receiver why, so it discards the stream."""
+        if self._closed:
+            return
+        self._closed = True
+        self._writer.fail_quietly(message)
+        close_quietly(self.sock)
+
+    def abort(self) -> None:
+        self.fail("the sender aborted the transfer")
+
+
+class SocketSink(_SendingEnd):
     """The connecting end that sends a stream (the NAS uploading to a VM container).
 
     ``close()`` returns only once the far side's sink has committed: it
@@ -190,17 +209,6 @@ class SocketSink:
         if status != "OK":
             raise self._status_error(status)
 
-    def fail(self, message: str) -> None:
-        """Stop sending and tell the receiver why, so it discards the stream."""
-        if self._closed:
-            return
-        self._closed = True
-        self._writer.fail_quietly(message)
-        close_quietly(self.sock)
-
-    def abort(self) -> None:
-        self.fail("the sender aborted the transfer")
-
 
 class SocketSource:
     """The connecting end that receives a stream (the NAS pulling from a VM container)."""
@@ -263,7 +271,7 @@ class _ServedSource:
         pass   # serve_into answers ERR and closes the socket itself
 
 
-class _ServedSink:
+class _ServedSink(_SendingEnd):
     """Serving side of a pull: frames out, END on success, FAIL with the reason."""
 
     def __init__(self, sock: socket.socket, peer: str) -> None:
@@ -287,16 +295,6 @@ class _ServedSink:
                 pass
         finally:
             close_quietly(self.sock)
-
-    def fail(self, message: str) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._writer.fail_quietly(message)
-        close_quietly(self.sock)
-
-    def abort(self) -> None:
-        self.fail("the sender aborted the transfer")
 
 
 def _linger_close(sock: socket.socket) -> None:
