@@ -222,6 +222,14 @@ class KernelCluster:
             from record import record
             record(guest, name, argv, note)
 
+    def run(self, guest: "Guest", name: str, *argv: str, note: Optional[str] = None) -> Dict:
+        """Run ``argv`` in ``guest`` in every run, recording it as ``rec`` does with --record:
+        for the commands whose effect the scenario goes on to check."""
+        if self.recording:
+            from record import record
+            return record(guest, name, argv, note)
+        return guest.result(*argv)
+
     @property
     def nas(self) -> Guest:
         return self.guests[NAS]

@@ -421,12 +421,7 @@ def zfs_streams_by_hand(c: KernelCluster, note: Callable[[str], None]) -> None:
     a, b, d = f"{POOL}/ks-a", f"{POOL}/ks-b", f"{POOL}/ks-d"
 
     def pipe(name: str, cmd: str, note_text: str, ok: bool) -> None:
-        argv = ["sh", "-c", cmd]
-        if c.recording:
-            from record import record
-            r = record(n, name, argv, note_text)
-        else:
-            r = n.result(*argv)
+        r = c.run(n, name, "sh", "-c", cmd, note=note_text)
         assert (r["rc"] == 0) is ok, f"`{cmd}` -> {r['rc']}: {r['stderr']}"
 
     try:
@@ -471,11 +466,7 @@ def zfs_resume_by_hand(c: KernelCluster, note: Callable[[str], None]) -> None:
     size = 64 * MIB
 
     def step(name: Optional[str], argv: List[str], note_text: Optional[str], rc: int) -> Dict:
-        if c.recording and name:
-            from record import record
-            r = record(n, name, argv, note_text)
-        else:
-            r = n.result(*argv)
+        r = c.run(n, name, *argv, note=note_text) if name else n.result(*argv)
         assert r["rc"] == rc, f"`{' '.join(argv)}` -> {r['rc']} (want {rc}): " \
                               f"{(r['stderr'] or r['stdout']).strip()[-800:]}"
         return r
@@ -893,16 +884,21 @@ def _rollback_by_hand(c: KernelCluster) -> None:
         n.write(dev, writes(95, [(0, MIB)]))
         n.sh("zfs", "snapshot", f"{ds}@s2")
         n.write(dev, writes(96, [(0, MIB)]))
-        c.rec(n, "zfs/real_rollback_later", "zfs", "rollback", f"{ds}@s1",
-              note="zfsutils-linux 2.1.11; a later snapshot exists")
+        def rollback(name: str, rc_ok: bool, *argv: str, note: str) -> None:
+            r = c.run(n, name, "zfs", "rollback", *argv, note=note)
+            assert (r["rc"] == 0) is rc_ok, f"zfs rollback {' '.join(argv)} -> {r['rc']}: " \
+                                            f"{r['stderr']}"
+
+        rollback("zfs/real_rollback_later", False, f"{ds}@s1",
+                 note="zfsutils-linux 2.1.11; a later snapshot exists")
         n.sh("zfs", "hold", "someone", f"{ds}@s2")
-        c.rec(n, "zfs/real_rollback_held", "zfs", "rollback", "-r", f"{ds}@s1",
-              note="the later snapshot is held")
+        rollback("zfs/real_rollback_held", False, "-r", f"{ds}@s1",
+                 note="the later snapshot is held")
         n.sh("zfs", "release", "someone", f"{ds}@s2")
-        c.rec(n, "zfs/real_rollback_missing", "zfs", "rollback", "-r", f"{ds}@gone",
-              note="the snapshot does not exist")
-        c.rec(n, "zfs/real_rollback_ok", "zfs", "rollback", "-r", f"{ds}@s1",
-              note="destroys s2 and the writes made since s1")
+        rollback("zfs/real_rollback_missing", False, "-r", f"{ds}@gone",
+                 note="the snapshot does not exist")
+        rollback("zfs/real_rollback_ok", True, "-r", f"{ds}@s1",
+                 note="destroys s2 and the writes made since s1")
         snaps = n.sh("zfs", "list", "-H", "-o", "name", "-t", "snapshot", "-d", "1", ds).split()
         assert snaps == [f"{ds}@s1"], snaps
         image = Image(16 * MIB)
