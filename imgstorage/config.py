@@ -30,6 +30,7 @@ KNOWN_KEYS = {
     "network", "default_pool", "img_sync_workers", "transport", "log_file",
     "admin_users", "chap", "timeout", "target", "stream_address", "stream_bind", "ssh_user",
     "pool_wait", "nas_users", "max_streams", "max_request_time", "broker_node", "sim_latency",
+    "request_workers",
 }
 
 
@@ -47,7 +48,8 @@ class Config:
     sim_root: Optional[str] = None
     network: Optional[str] = None
     default_pool: Optional[str] = None
-    img_sync_workers: int = 8
+    img_sync_workers: int = 8             # copies and pulls a NAS runs at once
+    request_workers: int = 64             # requests a node works on at once
     transport: str = "ssh"
     log_file: Optional[str] = None
     admin_users: Optional[List[str]] = None
@@ -214,6 +216,11 @@ def _check(path: str, key: str, value: Any) -> Any:
             n = naming.non_negative_int(key, value, allow_none=False, minimum=1)
             if n > 256:
                 raise ValidationError("at most 256")
+            return n
+        if key == "request_workers":
+            n = naming.non_negative_int(key, value, allow_none=False, minimum=1)
+            if n > 1024:
+                raise ValidationError("at most 1024")
             return n
         if key in ("admin_users", "nas_users"):
             if not isinstance(value, list) or not all(isinstance(u, str) and u for u in value):

@@ -2,8 +2,17 @@
 
 The broker connection's thread only decodes and dispatches; every handler runs
 on a worker so a slow zvol never blocks the message loop or another zvol.
-Quick read-only actions get their own small pool so a listing still answers
-while every worker is busy copying disks.
+Quick read-only actions get their own pool so a listing still answers while
+every worker is busy.
+
+A request's worker spends nearly all its time waiting: on the kernel (a
+``zfs create``, an iSCSI login) or on another node's answer.  So there are
+many of them (``request_workers``), not as many as the host has cores, and
+not the number of transfers a NAS runs at once (``img_sync_workers``, which
+bounds disk and network work): fifty VMs booting at once must not queue
+behind eight workers that are all asleep in ``iscsiadm``.  The broker hands
+the daemon as many unanswered requests as it has workers of both kinds, so a
+listing is never stuck in the broker behind a queue of maps.
 """
 from __future__ import annotations
 
@@ -25,6 +34,8 @@ from .messaging import Consumer, Envelope, Responder
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Envelope], Optional[dict]]
+
+QUICK_WORKERS = 16     # listings and pings: short, but some wait on the kernel too
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(threadName)s]: %(message)s"
 
@@ -127,13 +138,15 @@ class Daemon:
         self.seen = SeenMessages()
         self.handlers = handlers
         self.quick_actions = set(quick_actions)
-        self.work_pool = ThreadPoolExecutor(max_workers=workers or config.img_sync_workers,
-                                            thread_name_prefix="work")
-        self.quick_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="quick")
+        workers = workers or config.request_workers
+        self.work_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="work")
+        self.quick_pool = ThreadPoolExecutor(max_workers=QUICK_WORKERS,
+                                             thread_name_prefix="quick")
         self._inflight = 0
         self._inflight_lock = threading.Lock()
         self.consumer = Consumer(config, self.dispatch, on_connected=self.on_connected,
-                                 busy=lambda: self._inflight > 0)
+                                 busy=lambda: self._inflight > 0,
+                                 prefetch=workers + QUICK_WORKERS)
 
     def on_connected(self) -> None:
         """Hook for subclasses; runs on every (re)connection."""

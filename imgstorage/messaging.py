@@ -401,9 +401,10 @@ class Consumer:
 
     def __init__(self, config: Config, dispatch: Dispatcher,
                  on_connected: Optional[Callable[[], None]] = None,
-                 busy: Optional[Callable[[], bool]] = None):
+                 busy: Optional[Callable[[], bool]] = None, prefetch: Optional[int] = None):
         config.require("name")
         self.config = config
+        self.prefetch = prefetch or self.PREFETCH   # unacknowledged requests held at once
         self.queue = config.name
         self.dispatch = dispatch
         self.on_connected = on_connected
@@ -535,7 +536,7 @@ class Consumer:
                 raise
             self._declare_own_queue(label)
         ch = self._conn.channel()
-        ch.basic_qos(prefetch_count=self.PREFETCH)
+        ch.basic_qos(prefetch_count=self.prefetch)
         self._consumer_tag = ch.basic_consume(queue=self.queue,
                                               on_message_callback=self._on_message)
         self._channel = ch

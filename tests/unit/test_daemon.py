@@ -77,3 +77,15 @@ def test_unknown_action_and_malformed_message():
     r = FakeResponder()
     d.dispatch(None, r, "malformed JSON: x")
     assert r.replies[0]["status"] == "error" and r.done_calls == 1
+
+
+def test_requests_get_workers_of_their_own_and_the_broker_hands_over_enough():
+    """Requests mostly wait on the kernel or a peer: their workers are not the few
+    transfers a NAS runs at once, and a listing is never stuck behind busy workers."""
+    d = Daemon(from_dict({"name": "nas-0-0", "img_sync_workers": 2, "request_workers": 40}),
+               {})
+    assert d.work_pool._max_workers == 40
+    assert d.consumer.prefetch == 40 + d.quick_pool._max_workers > 40
+    d.work_pool.shutdown()
+    d.quick_pool.shutdown()
+    assert Daemon(from_dict({"name": "nas-0-0"}), {}).work_pool._max_workers == 64
