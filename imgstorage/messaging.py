@@ -31,8 +31,9 @@ import logging
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import pika
 import pika.exceptions
@@ -302,9 +303,137 @@ class RpcClient:
         """Send a message that expects no reply (still refused when unroutable)."""
         self._send(node, message, timeout, False, lambda _id, _until: None)
 
+    def keep_alive(self) -> bool:
+        """Serve an idle connection's heartbeats; False when the broker let it go."""
+        if self._conn is None:
+            return True
+        try:
+            self._conn.process_data_events(time_limit=0)
+        except pika.exceptions.AMQPError:
+            self.close()
+            return False
+        return self._conn is not None and self._conn.is_open
+
     def close(self) -> None:
         conn, self._conn, self._channel = self._conn, None, None
         close_quietly(conn)
+
+
+class RpcPool:
+    """Broker connections a daemon keeps open for its own requests to other nodes.
+
+    An RpcClient serves one thread at a time, so each request takes a client
+    of its own from the pool and gives it back when answered.  Opening a
+    connection costs the caller several round trips and the broker a
+    connection process; a NAS paid that for every question to a container
+    (twice per map), fifty times at once in a boot storm.  A client comes
+    back only after a normal answer (an error reply is one): one whose
+    request timed out may still receive that late reply, and one whose
+    broker failed is of no use.  At most ``keep`` clients are kept.
+
+    An idle connection answers no heartbeats, and the broker drops it after a
+    while.  Once started (a daemon's background part), the pool serves the
+    heartbeats of its idle connections every ``SERVICE`` seconds and closes
+    those unused for ``KEEP`` seconds; a pool that was not started closes
+    those idle longer than ``IDLE`` seconds instead of reusing them.
+    """
+
+    IDLE = 30.0
+    KEEP = 600.0
+    SERVICE = 10.0
+
+    def __init__(self, config: Config, keep: int = 16,
+                 clock: Callable[[], float] = time.monotonic):
+        self.config = config
+        self.keep = keep
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._idle: List[Tuple[float, RpcClient]] = []    # (given back at, client), oldest first
+        self._closed = False
+        self._stop = threading.Event()
+        self._keeper: Optional[threading.Thread] = None
+
+    @contextmanager
+    def client(self) -> Iterator[RpcClient]:
+        """A client for this thread's request(s), given back to the pool afterwards."""
+        rpc = self._take()
+        try:
+            yield rpc
+        except RemoteError:
+            self._give_back(rpc)
+            raise
+        except BaseException:
+            rpc.close()
+            raise
+        self._give_back(rpc)
+
+    def request(self, node: str, message: Dict[str, Any], timeout: float) -> Dict[str, Any]:
+        with self.client() as rpc:
+            return rpc.request(node, message, timeout)
+
+    def notify(self, node: str, message: Dict[str, Any], timeout: Optional[float] = None) -> None:
+        with self.client() as rpc:
+            rpc.notify(node, message, timeout)
+
+    def _take(self) -> RpcClient:
+        now = self.clock()
+        limit = self.KEEP if self._keeper is not None else self.IDLE
+        with self._lock:
+            stale = [rpc for at, rpc in self._idle if now - at > limit]
+            self._idle = [(at, rpc) for at, rpc in self._idle if now - at <= limit]
+            rpc = self._idle.pop()[1] if self._idle else None    # the newest
+        for old in stale:
+            old.close()
+        return rpc if rpc is not None else RpcClient(self.config)
+
+    def _give_back(self, rpc: RpcClient, at: Optional[float] = None) -> None:
+        with self._lock:
+            if not self._closed and len(self._idle) < self.keep:
+                self._idle.append((self.clock() if at is None else at, rpc))
+                self._idle.sort(key=lambda entry: entry[0])
+                return
+        rpc.close()
+
+    def _serve_idle(self) -> None:
+        """Heartbeats for every idle connection, one at a time; the unused long enough close."""
+        with self._lock:
+            waiting = list(self._idle)
+        now = self.clock()
+        for at, rpc in waiting:
+            with self._lock:
+                if (at, rpc) not in self._idle:
+                    continue                # taken meanwhile: its user serves it
+                self._idle.remove((at, rpc))
+            if now - at > self.KEEP or not rpc.keep_alive():
+                rpc.close()
+            else:
+                self._give_back(rpc, at)
+
+    def _keep_alive(self) -> None:
+        while not self._stop.wait(self.SERVICE):
+            try:
+                self._serve_idle()
+            except Exception:  # a keeper that dies would let every connection go stale
+                log.exception("serving the idle broker connections failed")
+
+    def close(self) -> None:
+        """Close every idle client; clients in use are closed when given back."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for _at, rpc in idle:
+            rpc.close()
+
+    # a daemon's background part: stopped after the work that sends through it
+    def start(self) -> None:
+        self._keeper = threading.Thread(target=self._keep_alive, name="rpc-pool", daemon=True)
+        self._keeper.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._keeper is not None:
+            self._keeper.join(10)
+        self.close()
 
 
 # ----------------------------------------------------------------- daemons

@@ -81,8 +81,9 @@ class NodeClient:
 
 
 class PerRequest:
-    """A sender that opens a connection for each request (a daemon's worker threads
-    share no connection: RpcClient is not thread-safe)."""
+    """A sender that takes a connection for each request from ``factory`` (a daemon's
+    RpcPool, or a new connection each time): a daemon's worker threads never share one,
+    RpcClient is not thread-safe."""
 
     def __init__(self, factory: Callable[[], ContextManager[Any]]):
         self.factory = factory

@@ -28,7 +28,7 @@ def build_daemon(cfg: Config) -> Daemon:
     service.recover()
     reexport_targets(store, service.drivers)
     return Daemon(cfg, handlers.build(service), quick_actions=handlers.QUICK,
-                  background=[service.sync])
+                  background=[service.peers, service.sync])
 
 
 def _announce(cfg: Config) -> None:

@@ -18,7 +18,7 @@ from ..drivers import NodeDrivers
 from ..drivers.base import ChapCredentials
 from ..drivers.resolver import host_known, network_name
 from ..errors import ImgStorageError, NotFoundError, RemoteError, StateError, ValidationError
-from ..messaging import RpcClient
+from ..messaging import RpcClient, RpcPool
 from ..protocol import ContainerState
 from ..rpcapi import PerRequest
 from ..vm.client import VmClient
@@ -41,13 +41,16 @@ class NasService:
         self.config = config
         self.store = store
         self.drivers = drivers
-        self.rpc_factory = rpc_factory or (lambda: RpcClient(config))
+        # Connections to the containers stay open between requests (one per thread
+        # in use): a boot storm must not open one per question.
+        self.peers = RpcPool(config, keep=config.request_workers)
+        self.rpc_factory = rpc_factory or self.peers.client
         self.sync = SyncManager(self, config.img_sync_workers)
         self.transport = make_transport(config, self)
         self.kept = KeptCopies(self)
 
     def container(self, host: str, rpc=None) -> VmClient:
-        """``host``'s daemon; a connection per request unless ``rpc`` is one to share."""
+        """``host``'s daemon; a pooled connection per request unless ``rpc`` is one to share."""
         return VmClient(rpc if rpc is not None else PerRequest(self.rpc_factory), host,
                         timeout=self.config.timeout)
 

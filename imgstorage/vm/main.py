@@ -6,7 +6,7 @@ import logging
 from .. import dblock, poolwait, trust
 from ..config import Config
 from ..errors import ImgStorageError
-from ..messaging import RpcClient
+from ..messaging import RpcPool
 from ..daemon import Daemon, command_line
 from ..db import create_schema, make_engine
 from ..drivers import node_drivers
@@ -17,12 +17,11 @@ from .service import VmService
 log = logging.getLogger("imgstorage.vm")
 
 
-def notifier(cfg: Config):
+def notifier(cfg: Config, peers: RpcPool):
     """Tell a NAS something that needs no answer (a merge finished); log if it cannot be told."""
     def notify(node: str, message: dict) -> None:
         try:
-            with RpcClient(cfg) as rpc:
-                rpc.notify(node, message)
+            peers.notify(node, message)
         except ImgStorageError as exc:
             log.error("could not tell %s %s about %s: %s", node, message.get("action"),
                       message.get("zvol"), exc)
@@ -33,12 +32,13 @@ def build_daemon(cfg: Config) -> Daemon:
     dblock.claim(cfg.db)
     engine = make_engine(cfg.db)
     create_schema(engine, Base)
-    service = VmService(cfg, engine, node_drivers(cfg), notify=notifier(cfg))
+    peers = RpcPool(cfg, keep=4)        # merge reports to NASes, kept open between them
+    service = VmService(cfg, engine, node_drivers(cfg), notify=notifier(cfg, peers))
     service.initiator_name()  # fail at start, not at the first map, when the initiator is not set up
     poolwait.wait_for_pools(cfg, engine, service.drivers.zfs, VmZvol.remotepool)
     service.recover()
     return Daemon(cfg, handlers.build(service), quick_actions=handlers.QUICK,
-                  background=[service.sync])
+                  background=[peers, service.sync])
 
 
 cli = command_line(
