@@ -1,7 +1,10 @@
 """SQLite through SQLAlchemy, set up the same way for every database we keep.
 
 WAL so the daemon's workers can read while one writes; foreign keys on; a
-busy timeout so short write contention waits instead of failing.
+busy timeout so short write contention waits instead of failing.  A
+connection is never waited for: every worker of a daemon may be in a short
+transaction at once.  The writers of one process go through
+imgstorage/groupcommit.py.
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ from sqlalchemy.orm import DeclarativeBase, InstrumentedAttribute, Session
 from .errors import ImgStorageError
 
 log = logging.getLogger(__name__)
+
+POOL_KEEP = 16      # connections kept open between transactions (more are opened at need)
 
 
 def create_private(path: str) -> None:
@@ -44,8 +49,9 @@ def create_private(path: str) -> None:
 def make_engine(path: str) -> Engine:
     if path != ":memory:":
         create_private(path)
+    pool = {} if path == ":memory:" else {"pool_size": POOL_KEEP, "max_overflow": -1}
     engine = create_engine(f"sqlite:///{path}", connect_args={"check_same_thread": False,
-                                                              "timeout": 30})
+                                                              "timeout": 30}, **pool)
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_conn, _record) -> None:  # pragma: no branch - runs per connection

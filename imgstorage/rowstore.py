@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from enum import Enum
-from typing import Callable, FrozenSet, Optional
+from typing import Callable, FrozenSet, Iterator, Optional
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from .db import claim_row
+from .groupcommit import group_commit
 from .errors import NotFoundError, StateError
 
 log = logging.getLogger(__name__)
@@ -38,11 +40,18 @@ class StateStore:
     def session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
 
+    @contextmanager
+    def writing(self, durable: bool = True) -> Iterator[Session]:
+        """A write transaction, committed (with others of this process) on leaving;
+        ``durable`` false: see GroupCommit.write."""
+        with group_commit(self.engine).write(durable) as s:
+            yield s
+
     def update(self, zvol: str, **fields) -> None:
         """Change columns that are not the state (devices, errors, retry times, snapshots)."""
         if "state" in fields or "prior_state" in fields:
             raise StateError(f"a {self.what}'s state changes only through a transition")
-        with self.session() as s, s.begin():
+        with self.writing() as s:
             row = s.get(self.model, zvol)
             if row is not None:
                 for key, value in fields.items():
@@ -50,7 +59,7 @@ class StateStore:
 
     def transition(self, zvol: str, event: Enum, **fields):
         """Apply ``event`` and the given column updates atomically; None when the row is gone."""
-        with self.session() as s, s.begin():
+        with self.writing() as s:
             claim_row(s, self.model.zvol, zvol)
             row = s.get(self.model, zvol)
             if row is None:

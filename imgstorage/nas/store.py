@@ -37,22 +37,25 @@ class NasStore(StateStore):
         return f"{row.remotehost or 'no host'}; "
 
     def ensure_defaults(self) -> None:
-        with self.session() as s, s.begin():
+        with self.writing() as s:
             for attr, value in DEFAULT_ATTRS.items():
                 if s.get(Attr, attr) is None:
                     s.add(Attr(attr=attr, value=value))
 
     # -- locks --------------------------------------------------------------
+    # A lock row outlives no daemon (the next one releases its predecessor's), so
+    # taking and releasing one waits for no commit to reach the disk; the zvol's
+    # own state changes that follow do.
     def lock(self, zvol: str, action: str, owner: Optional[str], caller: Optional[str]) -> None:
         try:
-            with self.session() as s, s.begin():
+            with self.writing(durable=False) as s:
                 s.add(Lock(zvol=zvol, action=action, owner=owner, caller=caller,
                            since=time.time(), pid=os.getpid()))
         except IntegrityError:
             raise BusyError(f"ZVol {zvol} is busy") from None
 
     def unlock(self, zvol: str) -> None:
-        with self.session() as s, s.begin():
+        with self.writing(durable=False) as s:
             s.execute(delete(Lock).where(Lock.zvol == zvol))
 
     @contextmanager
@@ -94,7 +97,7 @@ class NasStore(StateStore):
             return list(s.scalars(select(Zvol).order_by(Zvol.zvol)))
 
     def add(self, zvol: str, zpool: str, size_bytes: Optional[int]) -> Zvol:
-        with self.session() as s, s.begin():
+        with self.writing() as s:
             row = Zvol(zvol=zvol, zpool=zpool, size_bytes=size_bytes, state="unmapped",
                        sync=False, state_since=time.time())
             s.add(row)
@@ -147,7 +150,7 @@ class NasStore(StateStore):
             return {a.attr: a.value for a in s.scalars(select(Attr).order_by(Attr.attr))}
 
     def set_attrs(self, values: dict) -> None:
-        with self.session() as s, s.begin():
+        with self.writing() as s:
             for attr, value in values.items():
                 row = s.get(Attr, attr)
                 if row is None:
@@ -156,7 +159,7 @@ class NasStore(StateStore):
                     row.value = value
 
     def del_attrs(self, names: List[str]) -> None:
-        with self.session() as s, s.begin():
+        with self.writing() as s:
             s.execute(delete(Attr).where(Attr.attr.in_(names)))
 
     def zvol_attrs(self, zvol: str) -> Optional[ZvolAttr]:
@@ -169,7 +172,7 @@ class NasStore(StateStore):
             return {a.zvol: a for a in s.scalars(select(ZvolAttr))}
 
     def set_zvol_attrs(self, zvol: str, values: dict) -> None:
-        with self.session() as s, s.begin():
+        with self.writing() as s:
             if s.get(Zvol, zvol) is None:
                 raise NotFoundError(f"ZVol {zvol} not found in database")
             row = s.get(ZvolAttr, zvol)
