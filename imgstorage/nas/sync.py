@@ -152,16 +152,19 @@ class SyncManager:
 
     def tick(self, now: Optional[float] = None) -> None:
         now = now or time.time()
+        # The locks are read once for all zvols: a tick follows every map and unmap,
+        # and a query per zvol made the scheduler the busiest reader of a storm.
+        locked = {lock.zvol for lock in self.store.locks()}
         for row in self.store.all():
             try:
-                self._schedule(row, now)
+                self._schedule(row, now, locked)
             except Exception:
                 log.exception("scheduling %s failed", row.zvol)
 
-    def _schedule(self, row, now: float) -> None:
+    def _schedule(self, row, now: float, locked: Set[str]) -> None:
         if row.retry_at and row.retry_at > now:
             return
-        if self.store.is_locked(row.zvol):
+        if row.zvol in locked:
             return
         if row.state == State.UPLOADING.value:
             self.jobs.start(row.zvol, "upload", self._upload)
