@@ -50,6 +50,7 @@ MAX_BACKOFF = 300.0
 MERGE_CHECK = 30.0          # seconds between asking a container how its merge goes
 RESUME_ATTEMPTS = 3         # failed resumes in a row (the sender reachable) before starting over
 BUSY_RETRY = 2.0            # seconds before asking a container again that was busy with the zvol
+UNREAD = object()           # an attribute row not read yet (None: the zvol has none)
 
 
 def not_resumable(exc: BaseException) -> bool:
@@ -83,12 +84,15 @@ class SyncManager:
         self._wake.set()
 
     # -- attributes -----------------------------------------------------------
-    def _attr(self, zvol: str, name: str) -> Optional[int]:
-        """Per-zvol attribute, else the NAS's global one."""
-        attrs = self.store.zvol_attrs(zvol)
+    def _attr(self, zvol: str, name: str, attrs=UNREAD,
+              defaults: Optional[Dict[str, str]] = None) -> Optional[int]:
+        """Per-zvol attribute, else the NAS's global one (``attrs``, ``defaults``: the
+        zvol's attribute row and the global attributes, when read already)."""
+        if attrs is UNREAD:
+            attrs = self.store.zvol_attrs(zvol)
         value = getattr(attrs, name) if attrs is not None else None
         if value is None:
-            raw = self.store.attrs().get(name)
+            raw = (defaults if defaults is not None else self.store.attrs()).get(name)
             try:
                 value = int(raw) if raw not in (None, "") else None
             except ValueError:
@@ -96,8 +100,9 @@ class SyncManager:
                 value = None
         return value
 
-    def frequency(self, zvol: str) -> int:
-        value = self._attr(zvol, "frequency")
+    def frequency(self, zvol: str, attrs=UNREAD,
+                  defaults: Optional[Dict[str, str]] = None) -> int:
+        value = self._attr(zvol, "frequency", attrs, defaults)
         return value if value and value > 0 else DEFAULT_FREQUENCY
 
     def pulled(self, zvol: str, now: Optional[float] = None) -> Dict[str, int]:
@@ -107,7 +112,8 @@ class SyncManager:
         frequency = self.frequency(zvol)
         return {"last_pull_at": now, "nextsync": now + frequency, "pull_frequency": frequency}
 
-    def frequency_changes(self, zvol: str, attrs) -> Dict[str, int]:
+    def frequency_changes(self, zvol: str, attrs,
+                          defaults: Optional[Dict[str, str]] = None) -> Dict[str, int]:
         """The attributes to change when the frequency differs from the one ``nextsync``
         was computed with (empty: none).
 
@@ -115,7 +121,7 @@ class SyncManager:
         instead of after the old interval; a ``nextsync`` an operator set by hand
         stands as long as the frequency does not change.
         """
-        frequency = self.frequency(zvol)
+        frequency = self.frequency(zvol, attrs, defaults)
         if attrs.pull_frequency == frequency:
             return {}
         changes = {"pull_frequency": frequency}
@@ -152,16 +158,20 @@ class SyncManager:
 
     def tick(self, now: Optional[float] = None) -> None:
         now = now or time.time()
-        # The locks are read once for all zvols: a tick follows every map and unmap,
-        # and a query per zvol made the scheduler the busiest reader of a storm.
+        # Locks and attributes are read once for all zvols: a tick follows every map
+        # and unmap, and queries per zvol made the scheduler the busiest reader of a
+        # storm (and of a large NAS, every second).
         locked = {lock.zvol for lock in self.store.locks()}
+        attrs = self.store.all_zvol_attrs()
+        defaults = self.store.attrs()
         for row in self.store.all():
             try:
-                self._schedule(row, now, locked)
+                self._schedule(row, now, locked, attrs.get(row.zvol), defaults)
             except Exception:
                 log.exception("scheduling %s failed", row.zvol)
 
-    def _schedule(self, row, now: float, locked: Set[str]) -> None:
+    def _schedule(self, row, now: float, locked: Set[str], attrs,
+                  defaults: Dict[str, str]) -> None:
         if row.retry_at and row.retry_at > now:
             return
         if row.zvol in locked:
@@ -180,12 +190,12 @@ class SyncManager:
                 self._merge_checked[row.zvol] = now
                 self.jobs.start(row.zvol, "merge_check", self._check_merge)
         elif row.state == State.LOCAL.value:
-            attrs = self.store.zvol_attrs(row.zvol)
             if attrs is None or attrs.nextsync is None:
-                self.store.set_zvol_attrs(row.zvol, {"nextsync": int(now + self.frequency(row.zvol))})
+                self.store.set_zvol_attrs(row.zvol, {"nextsync": int(
+                    now + self.frequency(row.zvol, attrs, defaults))})
                 return
             nextsync = attrs.nextsync
-            changes = self.frequency_changes(row.zvol, attrs)
+            changes = self.frequency_changes(row.zvol, attrs, defaults)
             if changes:
                 self.store.set_zvol_attrs(row.zvol, changes)
                 nextsync = changes.get("nextsync", nextsync)
