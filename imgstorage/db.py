@@ -12,8 +12,8 @@ import logging
 import os
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, inspect, text, update
-from sqlalchemy.orm import DeclarativeBase, InstrumentedAttribute, Session
+from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy.orm import DeclarativeBase
 
 from .errors import ImgStorageError
 
@@ -62,19 +62,6 @@ def make_engine(path: str) -> Engine:
         cur.close()
 
     return engine
-
-
-def claim_row(session: Session, key: InstrumentedAttribute, value: object) -> None:
-    """Take the database's write lock before reading a row that is about to change.
-
-    SQLite starts a transaction at its first write, so a read-modify-write
-    that reads first can act on a row another thread changed in between (a
-    merge report and an operator's unmap of the same zvol, say) and undo that
-    change.  Writing first (a no-op update of the row) makes the read that
-    follows see the latest row, and a second writer wait for the first.
-    """
-    session.execute(update(key.class_).where(key == value).values({key.key: key}),
-                    execution_options={"synchronize_session": False})
 
 
 def create_schema(engine: Engine, base: type[DeclarativeBase]) -> None:

@@ -7,31 +7,35 @@ on a busy disk), and a writer that finds the database locked sleeps in
 SQLite's busy handler, longer at each try.  Fifty requests of a boot storm,
 each writing four times, queued for seconds on that.
 
-Here the writers of a process take turns without sleeping, and those that
-arrive while a commit is being synced go together: each runs its changes in
-a savepoint of one transaction, and one commit syncs them all.  A writer
-still returns only once the commit holding its changes is on disk, so
-"recorded before the kernel is touched" holds as before; a writer whose
-changes fail rolls back its own savepoint, not the others'.  A batch begins
-with ``BEGIN IMMEDIATE``: another process (imgstorageadmin) is waited for
-through SQLite's busy timeout, as before.
+Here a change is a function of a session.  The writers of a process queue
+their changes; one of them (the leader) runs every change queued so far, each
+in a savepoint of one transaction, and commits them with one sync, while the
+changes that arrive meanwhile queue for the next batch, led by the first of
+them.  A writer still returns only once the commit holding its change is on
+disk, so "recorded before the kernel is touched" holds as before; a change
+that fails rolls back its own savepoint, not the others'.  The leader runs the
+changes itself, one after another, so a batch costs no thread switch per
+writer.  A batch begins with ``BEGIN IMMEDIATE``: another process
+(imgstorageadmin) is waited for through SQLite's busy timeout, as before.
 """
 from __future__ import annotations
 
 import threading
 import weakref
 from collections import deque
-from contextlib import contextmanager
-from typing import Deque, Iterator, Optional, Tuple
+from typing import Any, Callable, Deque, List, Optional, TypeVar
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-MAX_BATCH = 64          # writers one commit may carry (bounds the first one's wait)
+T = TypeVar("T")
+Change = Callable[[Session], Any]
+
+MAX_BATCH = 64          # changes one commit may carry (bounds the wait of the first)
 
 
 class _Batch:
-    """One open write transaction, and who is in it."""
+    """One open write transaction."""
 
     def __init__(self, engine: Engine):
         self.conn = engine.connect()
@@ -40,14 +44,11 @@ class _Batch:
         except BaseException:
             self.conn.close()
             raise
-        self.members = 0                      # writers whose changes are in it
-        self.done = threading.Event()         # committed (or failed: ``error``)
-        self.error: Optional[BaseException] = None
 
-    def finish(self) -> None:
-        """Commit what the members wrote (nothing to keep: roll back), then let go."""
+    def finish(self, keep: bool) -> None:
+        """Commit (``keep``) or roll back, then let go of the connection."""
         try:
-            if self.members:
+            if keep:
                 self.conn.commit()
             else:
                 self.conn.rollback()
@@ -55,109 +56,129 @@ class _Batch:
             self.conn.close()
 
 
-class GroupCommit:
-    """Write transactions of one database, batched while a commit is being synced.
+class _Task:
+    """One writer's change, and what became of it."""
 
-    One writer at a time works in the open batch (its turn); the others wait
-    in line, each woken alone when its turn comes.  The writer that finds
-    nobody in line behind it commits the batch; while that commit is synced
-    the line grows, and the next batch takes all of it.
-    """
+    __slots__ = ("change", "durable", "result", "error", "ran", "committed", "lead", "signal")
+
+    def __init__(self, change: Change, durable: bool):
+        self.change = change
+        self.durable = durable
+        self.result: Any = None
+        self.error: Optional[BaseException] = None
+        self.ran = False              # its change is in a batch, or failed
+        self.committed = False        # its batch is committed, or failed
+        self.lead = False             # its writer leads the next batch
+        self.signal = threading.Event()
+
+    def finished(self) -> bool:
+        return self.ran and (self.error is not None or not self.durable or self.committed)
+
+
+class GroupCommit:
+    """Changes of one database, run and committed in batches."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
         self._lock = threading.Lock()
-        self._batch: Optional[_Batch] = None       # open and taking writers
-        self._worker: Optional[int] = None         # the thread whose turn it is
-        self._committing = False
-        self._line: Deque[Tuple[int, threading.Event]] = deque()
+        self._queue: Deque[_Task] = deque()
+        self._leading = False
+        self._inside = threading.local()        # the batch whose change this thread runs
 
-    @contextmanager
-    def write(self, durable: bool = True) -> Iterator[Session]:
-        """A session whose changes are committed (and on disk) when the block ends.
+    def run(self, change: Callable[[Session], T], durable: bool = True) -> T:
+        """``change(session)``'s result, once committed (and on disk).
 
-        With ``durable`` false the block ends as soon as the changes are in the
-        open batch, which commits them with the next writers' (or at once when
-        nobody else writes): for rows a restarted daemon throws away anyway.
-        Every later write of this process still comes after them and sees
-        them; a read sees them once they are committed.  A write inside a
-        write of the same thread is part of the outer one.
+        With ``durable`` false it returns as soon as the change is in a batch,
+        which commits it with the others (the writer that leads the batch is
+        the one that waits): for rows a restarted daemon throws away anyway.
+        Every later change of this process still comes after it and sees it;
+        a read sees it once it is committed.  A change that runs another
+        change makes it part of itself.
         """
-        me = threading.get_ident()
+        batch = getattr(self._inside, "batch", None)
+        if batch is not None:
+            return self._apply(batch, change)
+        task = _Task(change, durable)
         with self._lock:
-            nested = self._worker == me
-        if nested:
-            assert self._batch is not None
-            with self._savepoint(self._batch) as session:
-                yield session
-            return
-        self._wait_turn(me)
-        batch = self._batch
-        try:
-            if batch is None:
-                batch = self._batch = _Batch(self.engine)
-            with self._savepoint(batch) as session:
-                yield session
-            batch.members += 1
-        except BaseException:
-            self._pass_turn(batch)
-            raise
-        self._pass_turn(batch)
-        if durable:
-            batch.done.wait()
-            if batch.error is not None:
-                raise batch.error
+            self._queue.append(task)
+            if not self._leading:
+                self._leading = task.lead = True
+        while not task.finished():
+            if task.lead:
+                self._lead()
+                continue
+            task.signal.wait()
+            task.signal.clear()
+        if task.error is not None:
+            raise task.error
+        return task.result
 
-    def _wait_turn(self, me: int) -> None:
-        with self._lock:
-            if self._worker is None and not self._committing:
-                self._worker = me
-                return
-            ready = threading.Event()
-            self._line.append((me, ready))
-        ready.wait()                # whoever passed the turn made it ours
-
-    def _next_in_line(self) -> None:
-        """The turn to the first writer in line (called with the lock held)."""
-        if self._line:
-            self._worker, ready = self._line.popleft()
-            ready.set()
-        else:
-            self._worker = None
-
-    @staticmethod
-    @contextmanager
-    def _savepoint(batch: _Batch) -> Iterator[Session]:
+    def _apply(self, batch: _Batch, change: Callable[[Session], T]) -> T:
         session = Session(bind=batch.conn, join_transaction_mode="create_savepoint",
                           expire_on_commit=False)
         try:
             with session.begin():
-                yield session
+                return change(session)
         finally:
             session.close()
 
-    def _pass_turn(self, batch: Optional[_Batch]) -> None:
-        """The next writer's turn; the batch is committed when nobody waits to join it."""
+    def _lead(self) -> None:
+        """Run and commit the changes queued so far, then hand the lead to the next writer."""
         with self._lock:
-            commit = batch is not None and (not self._line or batch.members >= MAX_BATCH)
-            if commit:
-                self._batch = None
-                self._committing = True
-                self._worker = None
-            else:
-                self._next_in_line()
-        if not commit:
-            return
-        assert batch is not None
+            tasks: List[_Task] = []
+            while self._queue and len(tasks) < MAX_BATCH:
+                tasks.append(self._queue.popleft())
         try:
-            batch.finish()
-        except BaseException as exc:  # every member of the batch hears it
-            batch.error = exc
+            self._run_batch(tasks)
         finally:
+            for task in tasks:        # nobody is left waiting, whatever happened
+                if not task.ran:
+                    task.ran, task.error = True, task.error or RuntimeError("write not run")
+                task.committed = True
+                task.signal.set()
             with self._lock:
-                self._committing = False
-                self._next_in_line()
-            batch.done.set()
+                if self._queue:
+                    nxt = self._queue[0]
+                    nxt.lead = True
+                    nxt.signal.set()
+                else:
+                    self._leading = False
+            for task in tasks:
+                task.lead = False
+
+    def _run_batch(self, tasks: List[_Task]) -> None:
+        try:
+            batch = _Batch(self.engine)
+        except BaseException as exc:   # the database cannot be written: each writer hears it
+            for task in tasks:
+                task.ran, task.error = True, exc
+            return
+        kept: List[_Task] = []
+        self._inside.batch = batch
+        try:
+            for task in tasks:
+                try:
+                    task.result = self._apply(batch, task.change)
+                    kept.append(task)
+                except Exception as exc:  # this writer's own failure: its savepoint is undone
+                    task.error = exc
+                task.ran = True
+                if task.error is not None or not task.durable:
+                    task.signal.set()      # it need not wait for the commit
+        except BaseException as exc:      # interrupted: nothing of the batch is kept
+            for task in kept:
+                task.error = exc
+            batch.finish(keep=False)
+            raise
+        finally:
+            self._inside.batch = None
+        try:
+            batch.finish(keep=bool(kept))
+        except BaseException as exc:  # every writer whose change was in it hears it
+            for task in kept:
+                task.error = exc
+            if not isinstance(exc, Exception):
+                raise
 
 
 _groups: "weakref.WeakKeyDictionary[Engine, GroupCommit]" = weakref.WeakKeyDictionary()

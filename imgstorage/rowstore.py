@@ -2,26 +2,27 @@
 
 Each side keeps one row per zvol with ``state``, ``prior_state`` and
 ``state_since`` columns and one transition table (nas/states.py,
-vm/states.py).  ``transition`` applies an event under the database's write
-lock (db.claim_row), so two threads changing one zvol see each other's
+vm/states.py).  ``transition`` applies an event in a write transaction,
+which holds the database's write lock from its start (groupcommit.py: BEGIN
+IMMEDIATE), so two threads or processes changing one zvol see each other's
 outcome; ``update`` changes every other column and refuses the state.
 """
 from __future__ import annotations
 
 import logging
 import time
-from contextlib import contextmanager
 from enum import Enum
-from typing import Callable, FrozenSet, Iterator, Optional
+from typing import Callable, FrozenSet, Optional, TypeVar
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from .db import claim_row
 from .groupcommit import group_commit
 from .errors import NotFoundError, StateError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class StateStore:
@@ -40,27 +41,26 @@ class StateStore:
     def session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
 
-    @contextmanager
-    def writing(self, durable: bool = True) -> Iterator[Session]:
-        """A write transaction, committed (with others of this process) on leaving;
-        ``durable`` false: see GroupCommit.write."""
-        with group_commit(self.engine).write(durable) as s:
-            yield s
+    def write(self, change: Callable[[Session], T], durable: bool = True) -> T:
+        """Run ``change(session)`` in a write transaction; its result once committed,
+        with the other writers of this process (groupcommit.py)."""
+        return group_commit(self.engine).run(change, durable)
 
     def update(self, zvol: str, **fields) -> None:
         """Change columns that are not the state (devices, errors, retry times, snapshots)."""
         if "state" in fields or "prior_state" in fields:
             raise StateError(f"a {self.what}'s state changes only through a transition")
-        with self.writing() as s:
+
+        def change(s: Session) -> None:
             row = s.get(self.model, zvol)
             if row is not None:
                 for key, value in fields.items():
                     setattr(row, key, value)
+        self.write(change)
 
     def transition(self, zvol: str, event: Enum, **fields):
         """Apply ``event`` and the given column updates atomically; None when the row is gone."""
-        with self.writing() as s:
-            claim_row(s, self.model.zvol, zvol)
+        def change(s: Session):
             row = s.get(self.model, zvol)
             if row is None:
                 raise NotFoundError(self.missing.format(zvol=zvol))
@@ -69,9 +69,7 @@ class StateStore:
             since = time.time() - (row.state_since or time.time())
             if new is None:
                 s.delete(row)
-                log.info("zvol %s: %s -> (removed) on %s after %.1fs", zvol, old, event.value,
-                         since)
-                return None
+                return None, old, since
             for key, value in fields.items():
                 setattr(row, key, value)
             if event in self.keeps_prior:
@@ -80,9 +78,15 @@ class StateStore:
                 row.prior_state = None
             row.state = new.value
             row.state_since = time.time()
-            log.info("zvol %s: %s -> %s on %s (%s%.1fs in %s)", zvol, old, new.value,
+            return row, old, since
+        row, old, since = self.write(change)
+        # logged once committed, and by the thread that asked (another may have run it)
+        if row is None:
+            log.info("zvol %s: %s -> (removed) on %s after %.1fs", zvol, old, event.value, since)
+        else:
+            log.info("zvol %s: %s -> %s on %s (%s%.1fs in %s)", zvol, old, row.state,
                      event.value, self._where(row), since, old)
-            return row
+        return row
 
     def _where(self, row) -> str:
         """Who the row is mapped to, for the log line of a transition."""

@@ -9,6 +9,7 @@ from typing import Dict, Iterator, List, Optional
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from ..errors import BusyError, NotFoundError
 from ..rowstore import StateStore
@@ -37,10 +38,11 @@ class NasStore(StateStore):
         return f"{row.remotehost or 'no host'}; "
 
     def ensure_defaults(self) -> None:
-        with self.writing() as s:
+        def change(s: Session) -> None:
             for attr, value in DEFAULT_ATTRS.items():
                 if s.get(Attr, attr) is None:
                     s.add(Attr(attr=attr, value=value))
+        self.write(change)
 
     # -- locks --------------------------------------------------------------
     # A lock row outlives no daemon (the next one releases its predecessor's), so
@@ -48,15 +50,14 @@ class NasStore(StateStore):
     # own state changes that follow do.
     def lock(self, zvol: str, action: str, owner: Optional[str], caller: Optional[str]) -> None:
         try:
-            with self.writing(durable=False) as s:
-                s.add(Lock(zvol=zvol, action=action, owner=owner, caller=caller,
-                           since=time.time(), pid=os.getpid()))
+            self.write(lambda s: s.add(Lock(zvol=zvol, action=action, owner=owner,
+                                            caller=caller, since=time.time(),
+                                            pid=os.getpid())), durable=False)
         except IntegrityError:
             raise BusyError(f"ZVol {zvol} is busy") from None
 
     def unlock(self, zvol: str) -> None:
-        with self.writing(durable=False) as s:
-            s.execute(delete(Lock).where(Lock.zvol == zvol))
+        self.write(lambda s: s.execute(delete(Lock).where(Lock.zvol == zvol)), durable=False)
 
     @contextmanager
     def locked(self, zvol: str, action: str, owner: Optional[str],
@@ -97,10 +98,9 @@ class NasStore(StateStore):
             return list(s.scalars(select(Zvol).order_by(Zvol.zvol)))
 
     def add(self, zvol: str, zpool: str, size_bytes: Optional[int]) -> Zvol:
-        with self.writing() as s:
-            row = Zvol(zvol=zvol, zpool=zpool, size_bytes=size_bytes, state="unmapped",
-                       sync=False, state_since=time.time())
-            s.add(row)
+        row = Zvol(zvol=zvol, zpool=zpool, size_bytes=size_bytes, state="unmapped",
+                   sync=False, state_since=time.time())
+        self.write(lambda s: s.add(row))
         return row
 
     def clean(self, zvol: str) -> Optional[Zvol]:
@@ -150,17 +150,17 @@ class NasStore(StateStore):
             return {a.attr: a.value for a in s.scalars(select(Attr).order_by(Attr.attr))}
 
     def set_attrs(self, values: dict) -> None:
-        with self.writing() as s:
+        def change(s: Session) -> None:
             for attr, value in values.items():
                 row = s.get(Attr, attr)
                 if row is None:
                     s.add(Attr(attr=attr, value=value))
                 else:
                     row.value = value
+        self.write(change)
 
     def del_attrs(self, names: List[str]) -> None:
-        with self.writing() as s:
-            s.execute(delete(Attr).where(Attr.attr.in_(names)))
+        self.write(lambda s: s.execute(delete(Attr).where(Attr.attr.in_(names))))
 
     def zvol_attrs(self, zvol: str) -> Optional[ZvolAttr]:
         with self.session() as s:
@@ -172,7 +172,7 @@ class NasStore(StateStore):
             return {a.zvol: a for a in s.scalars(select(ZvolAttr))}
 
     def set_zvol_attrs(self, zvol: str, values: dict) -> None:
-        with self.writing() as s:
+        def change(s: Session) -> None:
             if s.get(Zvol, zvol) is None:
                 raise NotFoundError(f"ZVol {zvol} not found in database")
             row = s.get(ZvolAttr, zvol)
@@ -181,3 +181,4 @@ class NasStore(StateStore):
                 s.add(row)
             for key, value in values.items():
                 setattr(row, key, value)
+        self.write(change)

@@ -41,8 +41,7 @@ class VmStore(StateStore):
 
     def add(self, zvol: str, **fields) -> VmZvol:
         """A new row, in the state every attachment starts from."""
-        with self.writing() as s:
-            row = VmZvol(zvol=zvol, state=START.value, state_since=time.time(), **fields)
-            s.add(row)
+        row = VmZvol(zvol=zvol, state=START.value, state_since=time.time(), **fields)
+        self.write(lambda s: s.add(row))
         log.info("zvol %s: (new) -> %s", zvol, START.value)
         return row

@@ -32,9 +32,12 @@ def committed(path: str) -> List[int]:
         con.close()
 
 
+def add(value: int):
+    return lambda s: s.execute(text("INSERT INTO t (v) VALUES (:v)"), {"v": value})
+
+
 def insert(group: GroupCommit, value: int, durable: bool = True) -> None:
-    with group.write(durable) as s:
-        s.execute(text("INSERT INTO t (v) VALUES (:v)"), {"v": value})
+    group.run(add(value), durable)
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -46,23 +49,30 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
 
 class Gates:
     """Batch commits that wait for the test to open their gate (one gate per commit);
-    the commits numbered in ``fail`` fail as a full disk would."""
+    the commits numbered in ``fail`` fail as a full disk would.  ``sizes``: the
+    changes each batch ran."""
 
     def __init__(self, monkeypatch, count: int, fail: Set[int] = frozenset()):
         self.gates = [threading.Event() for _ in range(count)]
         self.sizes: List[int] = []
-        finish = groupcommit._Batch.finish
+        self.commits = 0
+        run_batch, finish = GroupCommit._run_batch, groupcommit._Batch.finish
 
-        def gated(batch) -> None:
-            n = len(self.sizes)
-            self.sizes.append(batch.members)
+        def counted(group, tasks) -> None:
+            self.sizes.append(len(tasks))
+            run_batch(group, tasks)
+
+        def gated(batch, keep: bool) -> None:
+            n = self.commits
+            self.commits += 1
             if n < len(self.gates):
                 assert self.gates[n].wait(10), "gate never opened"
             if n in fail:
                 batch.conn.rollback()
                 batch.conn.close()
                 raise sqlite3.OperationalError("disk I/O error")
-            finish(batch)
+            finish(batch, keep)
+        monkeypatch.setattr(GroupCommit, "_run_batch", counted)
         monkeypatch.setattr(groupcommit._Batch, "finish", gated)
 
 
@@ -80,11 +90,16 @@ def start(fn: Callable[[], None]) -> threading.Thread:
     return thread
 
 
-def test_a_write_is_committed_when_its_block_ends(db):
+def queued(group: GroupCommit, n: int) -> Callable[[], bool]:
+    return lambda: len(group._queue) == n
+
+
+def test_a_write_is_committed_when_it_returns_and_gives_its_result(db):
     path, engine = db
-    insert(group_commit(engine), 1)
+    group = group_commit(engine)
+    assert group.run(lambda s: add(1)(s) and "done") == "done"
     assert committed(path) == [1]
-    assert group_commit(engine) is group_commit(engine)
+    assert group_commit(engine) is group
 
 
 def test_writers_arriving_during_a_commit_share_the_next_one(db, monkeypatch):
@@ -92,42 +107,41 @@ def test_writers_arriving_during_a_commit_share_the_next_one(db, monkeypatch):
     gates = Gates(monkeypatch, 1)
     group = group_commit(engine)
     first = start(lambda: insert(group, 1))
-    wait_for(lambda: gates.sizes == [1])            # its commit is being "synced"
+    wait_for(lambda: gates.commits == 1)             # its commit is being "synced"
     others = [start(lambda v=v: insert(group, v)) for v in (2, 3, 4)]
-    wait_for(lambda: len(group._line) == 3)
+    wait_for(queued(group, 3))
     assert committed(path) == []
     gates.gates[0].set()
     for t in [first] + others:
         t.join(10)
         assert not t.is_alive() and t.errors == []
-    assert gates.sizes == [1, 3]                     # two commits for four writers
+    assert gates.sizes == [1, 3]                      # two commits for four writers
     assert committed(path) == [1, 2, 3, 4]
 
 
-def test_a_failing_writer_rolls_back_its_own_changes_only(db, monkeypatch):
+def test_a_failing_change_rolls_back_alone_and_its_writer_hears_why(db, monkeypatch):
     path, engine = db
     gates = Gates(monkeypatch, 1)
     group = group_commit(engine)
 
-    def failing() -> None:
-        with group.write() as s:
-            s.execute(text("INSERT INTO t (v) VALUES (:v)"), {"v": 20})
-            raise RuntimeError("changed its mind")
+    def failing(s) -> None:
+        add(20)(s)
+        raise RuntimeError("changed its mind")
 
     first = start(lambda: insert(group, 1))
-    wait_for(lambda: gates.sizes == [1])
+    wait_for(lambda: gates.commits == 1)
     good = start(lambda: insert(group, 10))
-    wait_for(lambda: len(group._line) == 1)
-    bad = start(failing)
-    wait_for(lambda: len(group._line) == 2)
+    wait_for(queued(group, 1))
+    bad = start(lambda: group.run(failing))
+    wait_for(queued(group, 2))
     late = start(lambda: insert(group, 30))
-    wait_for(lambda: len(group._line) == 3)
+    wait_for(queued(group, 3))
     gates.gates[0].set()
     for t in (first, good, bad, late):
         t.join(10)
     assert [str(e) for e in bad.errors] == ["changed its mind"]
     assert good.errors == late.errors == []
-    assert gates.sizes == [1, 2]
+    assert gates.sizes == [1, 3]
     assert committed(path) == [1, 10, 30]
 
 
@@ -136,26 +150,28 @@ def test_a_failed_commit_reaches_every_writer_in_it(db, monkeypatch):
     gates = Gates(monkeypatch, 1, fail={1})
     group = group_commit(engine)
     first = start(lambda: insert(group, 1))
-    wait_for(lambda: gates.sizes == [1])
+    wait_for(lambda: gates.commits == 1)
     others = [start(lambda v=v: insert(group, v)) for v in (2, 3)]
-    wait_for(lambda: len(group._line) == 2)
+    wait_for(queued(group, 2))
     gates.gates[0].set()
     for t in [first] + others:
         t.join(10)
     assert first.errors == []
     assert [str(e) for t in others for e in t.errors] == ["disk I/O error"] * 2
     assert committed(path) == [1]
-    insert(group, 4)                                 # the next writer starts afresh
+    insert(group, 4)                                  # the next writer starts afresh
     assert committed(path) == [1, 4]
 
 
-def test_a_write_inside_a_write_is_part_of_it(db):
+def test_a_change_that_writes_again_makes_that_part_of_itself(db):
     path, engine = db
     group = group_commit(engine)
-    with group.write() as s:
-        s.execute(text("INSERT INTO t (v) VALUES (:v)"), {"v": 1})
+
+    def outer(s) -> None:
+        add(1)(s)
         insert(group, 2)
         assert committed(path) == []
+    group.run(outer)
     assert committed(path) == [1, 2]
 
 
@@ -164,16 +180,15 @@ def test_a_non_durable_write_does_not_wait_for_its_commit(db, monkeypatch):
     gates = Gates(monkeypatch, 2)
     group = group_commit(engine)
     first = start(lambda: insert(group, 1))
-    wait_for(lambda: gates.sizes == [1])
-    quick = start(lambda: insert(group, 2, durable=False))
-    wait_for(lambda: len(group._line) == 1)
-    durable = start(lambda: insert(group, 3))
-    wait_for(lambda: len(group._line) == 2)
+    wait_for(lambda: gates.commits == 1)
+    durable = start(lambda: insert(group, 2))
+    wait_for(queued(group, 1))
+    quick = start(lambda: insert(group, 3, durable=False))
+    wait_for(queued(group, 2))
     gates.gates[0].set()
     quick.join(10)
     assert not quick.is_alive() and quick.errors == []    # back before its commit ...
-    wait_for(lambda: gates.sizes == [1, 2])
-    assert durable.is_alive()                             # ... which the last writer makes
+    assert gates.commits == 2 and durable.is_alive()      # ... which the leader holds
     assert committed(path) == [1]
     gates.gates[1].set()
     durable.join(10)
@@ -184,3 +199,27 @@ def test_a_lone_non_durable_write_commits_at_once(db):
     path, engine = db
     insert(group_commit(engine), 5, durable=False)
     assert committed(path) == [5]
+
+
+def test_an_interrupted_batch_keeps_nothing_and_leaves_nobody_waiting(db, monkeypatch):
+    path, engine = db
+    gates = Gates(monkeypatch, 1)
+    group = group_commit(engine)
+
+    def interrupted(s) -> None:
+        raise KeyboardInterrupt
+
+    first = start(lambda: insert(group, 1))
+    wait_for(lambda: gates.commits == 1)
+    stop = start(lambda: group.run(interrupted))
+    wait_for(queued(group, 1))
+    after = start(lambda: insert(group, 2))
+    wait_for(queued(group, 2))
+    gates.gates[0].set()
+    for t in (first, stop, after):
+        t.join(10)
+        assert not t.is_alive()
+    assert [type(e) for e in stop.errors] == [KeyboardInterrupt]
+    assert len(after.errors) == 1                     # its change was in the undone batch
+    insert(group, 3)
+    assert committed(path) == [1, 3]

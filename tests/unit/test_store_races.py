@@ -11,7 +11,9 @@ import threading
 
 import pytest
 
-from imgstorage.db import claim_row, create_schema, make_engine
+from sqlalchemy import update
+
+from imgstorage.db import create_schema, make_engine
 from imgstorage.errors import StateError
 from imgstorage.nas.models import Base, Zvol
 from imgstorage.nas.states import Event
@@ -21,6 +23,12 @@ from imgstorage.vm.states import Event as VmEvent
 from imgstorage.vm.store import VmStore
 
 from .nas_stub import put_row
+
+
+def hold_row(session, model, zvol: str) -> None:
+    """Take the database's write lock, as a transition in flight holds it (a no-op update)."""
+    session.execute(update(model).where(model.zvol == zvol).values(state=model.state),
+                    execution_options={"synchronize_session": False})
 
 
 @pytest.fixture
@@ -37,7 +45,7 @@ def store(tmp_path):
 def test_a_transition_waits_for_one_in_flight_and_sees_its_outcome(store):
     outcome = []
     with store.session() as s, s.begin():
-        claim_row(s, Zvol.zvol, "vol1")          # the unmap holds the row ...
+        hold_row(s, Zvol, "vol1")                # the unmap holds the row ...
         row = s.get(Zvol, "vol1")
         row.state, row.prior_state = "unmapping", "merging"
 
@@ -67,7 +75,7 @@ def test_the_containers_store_claims_its_row_the_same_way(tmp_path):
     store.transition("vol1", VmEvent.ATTACHED)
     outcome = []
     with store.session() as s, s.begin():
-        claim_row(s, VmZvol.zvol, "vol1")
+        hold_row(s, VmZvol, "vol1")
         s.get(VmZvol, "vol1").state = "detaching"
         racer = threading.Thread(target=lambda: outcome.append(
             _try(lambda: store.transition("vol1", VmEvent.DETACH))))
