@@ -2,14 +2,15 @@
 """A boot storm: many sync-mode maps fired at one NAS at once, then as many unmaps.
 
 One NAS and five VM containers on the simulated kernel, with and without a
-latency model (``sim_latency``, the real kernel's waits).  First one map
-alone (the single-map latency), then ``--vms`` sync-mode maps at once, spread
-evenly over the containers, each from a thread with its own broker
-connection, as fifty ``rocks start host vm`` would arrive; then the time
-until every zvol runs from its container's local copy; then as many unmaps
-at once.  Printed per storm: p50, p99 and maximum answer times, the wall
-time, and the concurrency factor (VMs x single latency / wall time: 1 means
-the maps ran one after another, the number of VMs that they all overlapped).
+latency model (``sim_latency``, the real kernel's waits).  First a map and
+an unmap alone, three times (their medians are the single latencies), then
+``--vms`` sync-mode maps at once, spread evenly over the containers, each
+from a thread with its own broker connection, as fifty ``rocks start host
+vm`` would arrive; then the time until every zvol runs from its container's
+local copy; then as many unmaps at once.  Printed per storm: p50, p99 and maximum answer times, the wall
+time, and the concurrency factor (VMs x single latency / wall time, where the
+single latency is that of one map, or one unmap, alone: 1 means they ran one
+after another, the number of VMs that they all overlapped).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from imgstorage.messaging import RpcClient
 from imgstorage.nas.client import NasClient
 
 CONTAINERS = tuple(f"vm-container-0-{n}" for n in range(1, 6))
+SINGLES = 3             # maps and unmaps alone, one after another: their median is the base
 MODEL = {"zfs": 0.2, "target": 0.2, "iscsi": 0.5, "dm": 0.05}
 
 
@@ -88,11 +90,18 @@ def run(vms: int, latency: Dict[str, float], label: str) -> None:
         def unmap_one(client: NasClient, zvol: str) -> None:
             client.unmap_zvol(zvol)
 
-        alone = storm(bench, ["alone-0"], map_one)
-        single = alone["wall"]                                    # type: ignore[assignment]
-        print(f"{'single map':<14} {common.ms(single)}")
-        bench.wait_lifecycle("alone-0", ["local"])
-        bench.unmap_and_delete("alone-0")
+        maps, unmaps = [], []
+        for n in range(SINGLES):
+            zvol = f"alone-{n}"
+            maps.append(storm(bench, [zvol], map_one)["wall"])
+            bench.wait_lifecycle(zvol, ["local"])
+            unmaps.append(storm(bench, [zvol], unmap_one)["wall"])
+            bench.wait_lifecycle(zvol, ["unmapped"])          # its copy came home
+            bench.unmap_and_delete(zvol)
+        single: float = statistics.median(maps)                  # type: ignore[arg-type]
+        single_unmap: float = statistics.median(unmaps)          # type: ignore[arg-type]
+        print(f"{'single map':<14} {common.ms(single)}  (median of {SINGLES})")
+        print(f"{'single unmap':<14} {common.ms(single_unmap)}  (median of {SINGLES})")
 
         zvols = [f"storm-{n}" for n in range(vms)]
         mapped = storm(bench, zvols, map_one)
@@ -103,7 +112,7 @@ def run(vms: int, latency: Dict[str, float], label: str) -> None:
                 bench.wait_lifecycle(zvol, ["local"], timeout=900, interval=0.5)
         print(f"{'all local':<14} {time.perf_counter() - began:7.2f} s after the storm")
         unmapped = storm(bench, zvols, unmap_one)
-        report("unmap storm", unmapped, single)
+        report("unmap storm", unmapped, single_unmap)
 
 
 def main() -> None:
