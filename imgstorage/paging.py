@@ -78,11 +78,15 @@ def take(items: Iterable[Tuple[str, Any]], request: PageRequest,
     ``budget`` bytes, whichever comes first, but always holds one item when
     one follows, so a listing always moves on.
     """
+    items = [(key, item) for key, item in items
+             if request.after is None or key > request.after]
+    if request.limit is None or len(items) <= request.limit:
+        # most listings fit whole: weighed at once instead of item by item
+        if protocol.encoded_size(dict(items)) <= budget:
+            return Page(items, more=False)
     taken: List[Tuple[str, Any]] = []
     weight = 2                                  # the brackets of the body
     for key, item in items:
-        if request.after is not None and key <= request.after:
-            continue
         cost = protocol.encoded_size(item) + protocol.encoded_size(key) + 4
         full = request.limit is not None and len(taken) >= request.limit
         if taken and (full or weight + cost > budget):

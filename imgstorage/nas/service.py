@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 RECOVERY_TIMEOUT = 5.0     # seconds a starting daemon waits for a container's answer
 ROLLBACK_RELEASE_TIMEOUT = 10.0   # seconds a failed map waits for the container to let go
 RpcFactory = Callable[[], ContextManager[RpcClient]]
+MOVING_STATES = frozenset(s.value for s in MOVING)
 
 
 class NasService:
@@ -438,33 +439,27 @@ class NasService:
         their rows would otherwise be mostly nulls.  Fields a row could only
         repeat (``locked`` beside ``lock``; ``is_sending`` and
         ``is_delete_remote``, which ``lifecycle`` says; the container's
-        ``bdev``, which ``list_dev`` shows) are left out.  The attributes and
-        locks are read once for the whole listing, not once per zvol.
+        ``bdev``, which ``list_dev`` shows) are left out.  The zvols, their
+        attributes and their locks come from one query.
         """
-        attrs = self.store.all_zvol_attrs()
-        locks = {lock.zvol: lock for lock in self.store.locks()}
         rows = []
-        for z in self.store.all():
-            if after is not None and z.zvol <= after:
-                continue
-            if limit is not None and len(rows) >= limit:
-                break
-            attr = attrs.get(z.zvol)
-            job = self.sync.jobs.get(z.zvol)
-            moving = State(z.state) in MOVING
-            lock = locks.get(z.zvol)
+        for (zvol, zpool, target, remotehost, remotepool, state, sync, size, since, error,
+             failures, retry_at, nextsync, frequency, lock_action,
+             lock_since) in self.store.listing(after, limit):
+            moving = state in MOVING_STATES
+            job = self.sync.jobs.get(zvol) if moving else None
             row = {
-                "zvol": z.zvol, "zpool": z.zpool, "iscsi_target": z.iscsi_target,
-                "remotehost": z.remotehost, "remotepool": z.remotepool,
-                "state": display(z.state), "lifecycle": z.state, "sync": bool(z.sync) or None,
-                "size": (z.size_bytes // naming.GIB) if z.size_bytes else None,
-                "time": (job.started if job else z.state_since) if moving else None,
-                "progress": job.progress.percent() if job and moving else None,
-                "rate": job.progress.rate() if job and moving else None,
-                "nextsync": attr.nextsync if attr else None,
-                "frequency": attr.frequency if attr else None,
-                "lock": {"action": lock.action, "since": lock.since} if lock else None,
-                "error": z.last_error, "failures": z.failures or None, "retry_at": z.retry_at,
+                "zvol": zvol, "zpool": zpool, "iscsi_target": target,
+                "remotehost": remotehost, "remotepool": remotepool,
+                "state": display(state), "lifecycle": state, "sync": bool(sync) or None,
+                "size": (size // naming.GIB) if size else None,
+                "time": (job.started if job else since) if moving else None,
+                "progress": job.progress.percent() if job else None,
+                "rate": job.progress.rate() if job else None,
+                "nextsync": nextsync, "frequency": frequency,
+                "lock": ({"action": lock_action, "since": lock_since}
+                         if lock_action is not None else None),
+                "error": error, "failures": failures or None, "retry_at": retry_at,
             }
             rows.append({k: v for k, v in row.items() if v is not None})
         return rows

@@ -7,7 +7,7 @@ import time
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Optional
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import Row, bindparam, delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -19,6 +19,18 @@ from .states import Event, next_state
 log = logging.getLogger(__name__)
 
 DEFAULT_ATTRS = {"frequency": "300"}
+
+# What a listing shows of each zvol, its attributes and its lock (NasStore.listing),
+# in this order; made once (zvol names sort after "", and LIMIT -1 is no limit).
+LISTING = (select(Zvol.zvol, Zvol.zpool, Zvol.iscsi_target, Zvol.remotehost,
+                  Zvol.remotepool, Zvol.state, Zvol.sync, Zvol.size_bytes, Zvol.state_since,
+                  Zvol.last_error, Zvol.failures, Zvol.retry_at, ZvolAttr.nextsync,
+                  ZvolAttr.frequency, Lock.action, Lock.since)
+           .outerjoin(ZvolAttr, ZvolAttr.zvol == Zvol.zvol)
+           .outerjoin(Lock, Lock.zvol == Zvol.zvol)
+           .where(Zvol.zvol > bindparam("after"))
+           .order_by(Zvol.zvol)
+           .limit(bindparam("limit")))
 
 # The columns of a mapping, as an unmapped zvol has them.
 UNMAPPED_COLUMNS = dict(remotehost=None, remotepool=None, iscsi_target=None, bdev=None,
@@ -96,6 +108,17 @@ class NasStore(StateStore):
     def all(self) -> List[Zvol]:
         with self.session() as s:
             return list(s.scalars(select(Zvol).order_by(Zvol.zvol)))
+
+    def listing(self, after: Optional[str] = None, limit: Optional[int] = None) -> List[Row]:
+        """What a listing shows of the zvols after ``after`` in name order (``limit`` at
+        most): the columns of LISTING, one row per zvol, from one query.
+
+        Plain rows rather than mapped objects: building fifty of those cost a
+        listing more than the query and the reply together.
+        """
+        with self.engine.connect() as conn:
+            return list(conn.execute(LISTING, {"after": after or "",
+                                               "limit": -1 if limit is None else limit}))
 
     def add(self, zvol: str, zpool: str, size_bytes: Optional[int]) -> Zvol:
         row = Zvol(zvol=zvol, zpool=zpool, size_bytes=size_bytes, state="unmapped",

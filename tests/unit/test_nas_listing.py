@@ -1,0 +1,62 @@
+"""The NAS's listing: every zvol with its attributes and lock, from one query."""
+from __future__ import annotations
+
+from typing import List
+
+import pytest
+from sqlalchemy import event
+
+from .nas_stub import nas_service, put_row
+
+
+@pytest.fixture
+def nas(tmp_path):
+    service, _containers = nas_service(tmp_path)
+    store = service.store
+    for name in ("vol-a", "vol-b", "vol-c", "vol-d"):
+        store.add(name, "tank", 3 << 30)
+    put_row(store, "vol-b", state="local", remotehost="compute-0-3", remotepool="tank",
+            sync=True, failures=2, last_error="pull: timed out", retry_at=1234.5)
+    store.set_zvol_attrs("vol-b", {"nextsync": 5000, "frequency": 600})
+    store.lock("vol-c", "unmap_zvol", "m1", "admin")
+    return service
+
+
+def statements(service, fn) -> List[str]:
+    seen: List[str] = []
+
+    def note(conn, cursor, statement, *rest) -> None:
+        seen.append(statement)
+    event.listen(service.store.engine, "before_cursor_execute", note)
+    try:
+        fn()
+    finally:
+        event.remove(service.store.engine, "before_cursor_execute", note)
+    return seen
+
+
+def test_each_row_holds_what_it_has_and_nothing_else(nas):
+    rows = {r["zvol"]: r for r in nas.list_zvols()}
+    assert list(rows) == ["vol-a", "vol-b", "vol-c", "vol-d"]
+    assert rows["vol-a"] == {"zvol": "vol-a", "zpool": "tank", "state": "unmapped",
+                             "lifecycle": "unmapped", "size": 3}
+    b = rows["vol-b"]
+    assert (b["state"], b["lifecycle"], b["sync"], b["remotehost"]) == \
+        ("mapped", "local", True, "compute-0-3")
+    assert (b["nextsync"], b["frequency"]) == (5000, 600)
+    assert (b["error"], b["failures"], b["retry_at"]) == ("pull: timed out", 2, 1234.5)
+    assert "lock" not in b and "time" not in b
+    assert rows["vol-c"]["lock"]["action"] == "unmap_zvol"
+
+
+def test_a_listing_is_one_query_whatever_the_number_of_zvols(nas):
+    for n in range(30):
+        nas.store.add(f"more-{n:02d}", "tank", 1 << 30)
+    assert len([s for s in statements(nas, nas.list_zvols) if s.lstrip().upper()
+                .startswith("SELECT")]) == 1
+
+
+def test_pages_start_after_a_name_and_stop_at_a_limit(nas):
+    assert [r["zvol"] for r in nas.list_zvols(after="vol-a", limit=2)] == ["vol-b", "vol-c"]
+    assert [r["zvol"] for r in nas.list_zvols(after="vol-c")] == ["vol-d"]
+    assert nas.list_zvols(after="vol-d") == []
