@@ -35,14 +35,25 @@ MAX_BATCH = 64          # changes one commit may carry (bounds the wait of the f
 
 
 class _Batch:
-    """One open write transaction."""
+    """One open write transaction.
 
-    def __init__(self, engine: Engine):
+    A batch that holds only changes nobody waits to see on disk (``durable``
+    false) is committed without syncing the log (``synchronous=NORMAL``,
+    safe in WAL mode: a crash may lose the commit, never corrupt the file,
+    and the next synced commit syncs it too); its connection goes back to
+    the pool as it came.
+    """
+
+    def __init__(self, engine: Engine, durable: bool = True):
         self.conn = engine.connect()
+        self.restore: Optional[int] = None
         try:
+            if not durable:
+                self.restore = self.conn.exec_driver_sql("PRAGMA synchronous").scalar()
+                self.conn.exec_driver_sql("PRAGMA synchronous=NORMAL")
             self.conn.exec_driver_sql("BEGIN IMMEDIATE")
         except BaseException:
-            self.conn.close()
+            self._close()
             raise
 
     def finish(self, keep: bool) -> None:
@@ -52,6 +63,15 @@ class _Batch:
                 self.conn.commit()
             else:
                 self.conn.rollback()
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        try:
+            if self.restore is not None:
+                self.conn.rollback()
+                self.conn.exec_driver_sql(f"PRAGMA synchronous={int(self.restore)}")
+                self.conn.commit()
         finally:
             self.conn.close()
 
@@ -148,7 +168,7 @@ class GroupCommit:
 
     def _run_batch(self, tasks: List[_Task]) -> None:
         try:
-            batch = _Batch(self.engine)
+            batch = _Batch(self.engine, durable=any(task.durable for task in tasks))
         except BaseException as exc:   # the database cannot be written: each writer hears it
             for task in tasks:
                 task.ran, task.error = True, exc

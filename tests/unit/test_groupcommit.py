@@ -223,3 +223,23 @@ def test_an_interrupted_batch_keeps_nothing_and_leaves_nobody_waiting(db, monkey
     assert len(after.errors) == 1                     # its change was in the undone batch
     insert(group, 3)
     assert committed(path) == [1, 3]
+
+
+def test_only_a_batch_someone_waits_for_is_synced_to_disk(db):
+    """Lock rows need no sync; a batch with any durable change gets one."""
+    from sqlalchemy import event
+
+    path, engine = db
+    seen: List[str] = []
+    event.listen(engine, "before_cursor_execute",
+                 lambda conn, cursor, statement, *rest: seen.append(statement))
+    group = group_commit(engine)
+    insert(group, 1, durable=False)
+    relaxed, seen[:] = list(seen), []
+    insert(group, 2)
+    assert "PRAGMA synchronous=NORMAL" in relaxed
+    assert relaxed.index("PRAGMA synchronous=NORMAL") < relaxed.index("BEGIN IMMEDIATE")
+    assert not any(s.startswith("PRAGMA synchronous") for s in seen)
+    with engine.connect() as conn:                    # the pool's connections are as they were
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2
+    assert committed(path) == [1, 2]
