@@ -26,6 +26,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 
 from .. import naming
 from ..db import create_private
+from .lookup import HostQueries
 from ..errors import ImgStorageError, NotFoundError, StateError, ValidationError
 
 APPLIANCES = ("nas", "vm-container", "compute", "frontend")
@@ -203,8 +204,12 @@ HostRef = Union[str, Host]
 
 
 # ------------------------------------------------------------- the registry
-class Registry:
-    """The registry file, opened for one command (one transaction)."""
+class Registry(HostQueries):
+    """The registry file, opened for one command (one transaction).
+
+    ``attr_bool``, ``is_nas`` and ``get_nas`` come from lookup.HostQueries,
+    which the read-only reader shares.
+    """
 
     def __init__(self, path: str):
         self.path = str(path)
@@ -413,31 +418,6 @@ class Registry:
             return row.value
         row = self.session.get(GlobalAttr, name)
         return row.value if row is not None else None
-
-    def attr_bool(self, ref: HostRef, name: str, default: bool = False) -> bool:
-        """A boolean attribute; a value that is not a truth value is an error naming it."""
-        host = self.get_host(ref)
-        value = self.attr(host, name)
-        if value is None or value.strip() == "":
-            return default
-        try:
-            return naming.parse_bool(value)
-        except ValidationError:
-            raise ValidationError(f"attribute {name} of host {host.name} is {value!r}: "
-                                  f"set it to true or false") from None
-
-    def is_nas(self, ref: HostRef) -> bool:
-        host = self.get_host(ref)
-        return host.appliance == "nas" or self.attr_bool(host, "img_storage_nas")
-
-    def get_nas(self, ref: HostRef) -> Host:
-        """A registered host that runs img-storage-nas."""
-        host = self.get_host(ref)
-        if not self.is_nas(host):
-            raise ValidationError(f"host {host.name} is not a NAS (its appliance is "
-                                  f"{host.appliance}; set its img_storage_nas attribute to true "
-                                  f"if it runs img-storage-nas)")
-        return host
 
     def node_role(self, ref: HostRef) -> Optional[str]:
         """"nas", "vm" (a VM container) or None: which daemon a physical host runs."""
