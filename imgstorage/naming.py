@@ -7,7 +7,6 @@ shared by the CLI and the daemons.
 """
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import re
 from typing import Any, Optional
@@ -219,6 +218,7 @@ def target_iqn(nas: str, zvol: str) -> str:
     plain = f"{_IQN_PREFIX}{nas}-{zvol}"
     if _kernel_safe(plain):
         return plain
+    import hashlib      # here: every command imports this module, few need a hash
     digest = hashlib.sha256(f"{nas}/{zvol}".encode()).hexdigest()[:_IQN_HASH_LEN]
     head = f"{_IQN_PREFIX}{nas.lower()}"
     tail = f"-{digest}"

@@ -12,20 +12,54 @@ last line.
 from __future__ import annotations
 
 import errno
+import importlib
 import logging
 import os
 import sys
 import traceback
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import click
 
 from ..errors import ConfigError, ImgStorageError
-from . import commands_broker, commands_hosts, commands_storage, commands_vm  # noqa: F401  (they declare commands)
 from .commands_base import (COMMANDS, COMMON_PARAMS, CommandSpec, CommandUsageError,
                             GlobalState, Invocation)
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+# Which module declares each command.  A command line imports only the module
+# of the command it runs (a listing needs neither the registry's mapped classes
+# nor the VM commands, which the host commands import too); the help and a
+# mistyped command import them all.  A unit test keeps this in step with the
+# declarations, and a command missing here is still found, after all are
+# imported.
+COMMAND_MODULES: Dict[str, Tuple[str, ...]] = {
+    "commands_storage": (
+        "add host storagemap", "remove host storagemap", "remove host storageimg",
+        "list host storagemap", "list host storagedev", "set host zvolattr",
+        "list host zvolattr", "set host storageattr", "remove host storageattr",
+        "list host storageattr", "clean host storagemap"),
+    "commands_vm": (
+        "add host vm", "remove host vm", "list host vm", "set host vm nas", "list host vm nas",
+        "dump host vm nas", "remove host vm nas", "start host vm", "stop host vm"),
+    "commands_hosts": (
+        "add host", "remove host", "list host", "set host attr", "add host attr",
+        "remove host attr", "list host attr", "add appliance attr", "set appliance attr",
+        "remove appliance attr", "list appliance attr", "set attr", "add attr", "remove attr",
+        "list attr"),
+    "commands_broker": ("sync host imgstorage", "report host imgstorage"),
+}
+_MODULE_OF = {name: module for module, names in COMMAND_MODULES.items() for name in names}
+
+
+def declare(module: str) -> None:
+    """Import a command module (its commands declare themselves in COMMANDS)."""
+    importlib.import_module(f"{__package__}.{module}")
+
+
+def declare_all() -> None:
+    for module in COMMAND_MODULES:
+        declare(module)
 
 
 class RocksCommand(click.Command):
@@ -79,7 +113,30 @@ class RocksCommand(click.Command):
 
 
 class RocksGroup(click.Group):
-    """Resolves ``verb noun...`` by the longest declared name and reports errors in one line."""
+    """Resolves ``verb noun...`` by the longest declared name and reports errors in one line.
+
+    Commands are added as their modules are imported: the one a command line
+    names, or all of them for the help and for an unknown command.
+    """
+
+    def _known(self) -> Set[str]:
+        return set(_MODULE_OF) | set(COMMANDS)
+
+    def _add_declared(self) -> None:
+        for name, spec in COMMANDS.items():
+            if name not in self.commands:
+                self.add_command(RocksCommand(spec), name)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> Optional[click.Command]:
+        if cmd_name not in self.commands and cmd_name in _MODULE_OF:
+            declare(_MODULE_OF[cmd_name])
+            self._add_declared()
+        return self.commands.get(cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> List[str]:
+        declare_all()
+        self._add_declared()
+        return sorted(self.commands)
 
     def resolve_command(self, ctx: click.Context, args: List[str]):
         words: List[str] = []
@@ -87,15 +144,18 @@ class RocksGroup(click.Group):
             if arg.startswith("-") or "=" in arg:
                 break
             words.append(arg)
-        longest = max((len(name.split()) for name in self.commands), default=1)
-        for n in range(min(len(words), longest), 0, -1):
-            name = " ".join(words[:n])
-            cmd = self.get_command(ctx, name)
-            if cmd is not None:
-                return name, cmd, list(args[n:])
+        for attempt in (1, 2):
+            longest = max((len(name.split()) for name in self._known()), default=1)
+            for n in range(min(len(words), longest), 0, -1):
+                name = " ".join(words[:n])
+                cmd = self.get_command(ctx, name)
+                if cmd is not None:
+                    return name, cmd, list(args[n:])
+            self.list_commands(ctx)       # a command COMMAND_MODULES does not name yet
         self._no_such_command(ctx, words, args)
 
     def _no_such_command(self, ctx: click.Context, words: List[str], args: List[str]) -> None:
+        self.list_commands(ctx)
         prefix: List[str] = []
         for word in words:
             if not any(name.split()[:len(prefix) + 1] == prefix + [word] for name in self.commands):
@@ -230,10 +290,6 @@ def cli(ctx: click.Context, config_path: Optional[str], debug: bool) -> None:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if ctx.invoked_subcommand is None:
         click.echo(ctx.get_help())
-
-
-for _spec in COMMANDS.values():
-    cli.add_command(RocksCommand(_spec), _spec.name)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -2,8 +2,9 @@
 
 These are the operator's manual controls (map or unmap a zvol by hand, see
 what a NAS or a container holds, tune sync speeds).  They change nothing in
-the registry; it is only read to check the hosts and the defaults
-(``img_sync``, ``vm_container_zpool``) that a VM start would use too.
+the registry; it is only read (through Invocation.lookup, which needs no
+SQLAlchemy) to check the hosts and the defaults (``img_sync``,
+``vm_container_zpool``) that a VM start would use too.
 
 Hosts must be registered: a typing mistake then fails with ``unknown host``
 before any message is sent, instead of reaching whatever daemon happens to
@@ -62,21 +63,21 @@ def add_host_storagemap(inv: Invocation) -> None:
     zpool = naming.zpool_name(inv.args["zpool"])
     zvol = naming.zvol_name(inv.args["volume"])
     size = naming.size_gb(inv.args["size"])
-    nas = inv.nas(inv.args["nas"]).name
-    remote = inv.host(inv.args["remotehost"])
+    nas = inv.known_nas(inv.args["nas"])
+    remote = inv.lookup.get_host(inv.args["remotehost"])
     sync = bool_param(inv, "img_sync")
     if sync is None:
-        sync = inv.registry.attr_bool(remote, "img_sync")
+        sync = inv.lookup.attr_bool(remote, "img_sync")
     keep_local = bool_param(inv, "img_keep_local")
     if keep_local and not sync:
         raise ValidationError("img_keep_local keeps a synced copy: it needs img_sync=true")
     if keep_local is None:
-        keep_local = sync and inv.registry.attr_bool(remote, "img_keep_local")
+        keep_local = sync and inv.lookup.attr_bool(remote, "img_keep_local")
     remotepool = inv.param("remotepool")
     if remotepool is not None:
         remotepool = naming.zpool_name(remotepool)
     elif sync:
-        remotepool = inv.registry.attr(remote, "vm_container_zpool") or None
+        remotepool = inv.lookup.attr(remote, "vm_container_zpool") or None
         if remotepool is None:
             raise ValidationError("img_sync is true but no remotepool was given")
         naming.zpool_name(remotepool)
@@ -100,7 +101,7 @@ def add_host_storagemap(inv: Invocation) -> None:
             "Success")
 def remove_host_storagemap(inv: Invocation) -> None:
     zvol = naming.zvol_name(inv.args["volume"])
-    nas = inv.nas(inv.args["nas"]).name
+    nas = inv.known_nas(inv.args["nas"])
     inv.echo(f"unmapping   {nas} : {zvol}")
     nas_client(inv, nas).unmap_zvol(zvol)
     inv.echo("Success")
@@ -118,7 +119,7 @@ def remove_host_storagemap(inv: Invocation) -> None:
 def remove_host_storageimg(inv: Invocation) -> None:
     zpool = naming.zpool_name(inv.args["zpool"])
     zvol = naming.zvol_name(inv.args["volume"])
-    nas = inv.nas(inv.args["nas"]).name
+    nas = inv.known_nas(inv.args["nas"])
     inv.echo(f"removing   {nas} : {zpool} / {zvol}")
     nas_client(inv, nas).del_zvol(zvol, zpool=zpool)
     inv.echo("Success")
@@ -190,7 +191,7 @@ def _when(epoch: Any) -> Optional[str]:
 def list_host_storagedev(inv: Invocation) -> None:
     table = Table(["HOST", "ZVOL", "LVM", "STATUS", "SIZE (GB)", "BLOCK DEV", "IS STARTED",
                    "SYNCED", "TIME"])
-    for host in [inv.host(name).name for name in inv.args["host"]]:
+    for host in [inv.known_host(name) for name in inv.args["host"]]:
         body = vm_client(inv, host).list_dev()
         now = time.time()
         for key, dev in body.items():
@@ -203,7 +204,7 @@ def list_host_storagedev(inv: Invocation) -> None:
 
 def _nases(inv: Invocation, names: List[str]) -> List[str]:
     """Check every NAS before the first message, so nothing is half done."""
-    return [inv.nas(n).name for n in names]
+    return [inv.known_nas(n) for n in names]
 
 
 # ------------------------------------------------------- zvol attributes
@@ -226,7 +227,7 @@ def set_host_zvolattr(inv: Invocation) -> None:
     if text is not None:
         value = naming.non_negative_int(attr, text, allow_none=False,
                                         minimum=1 if attr == "frequency" else 0)
-    nas = inv.nas(inv.args["nas"]).name
+    nas = inv.known_nas(inv.args["nas"])
     nas_client(inv, nas).set_zvol_attrs(zvol, {attr: value})
 
 
@@ -237,7 +238,7 @@ def set_host_zvolattr(inv: Invocation) -> None:
     example="rocks list host zvolattr nas-0-0 compute-0-14-0-vol")
 def list_host_zvolattr(inv: Invocation) -> None:
     zvol = naming.zvol_name(inv.args["zvol"])
-    nas = inv.nas(inv.args["nas"]).name
+    nas = inv.known_nas(inv.args["nas"])
     body = nas_client(inv, nas).get_zvol_attrs(zvol)
     table = Table(["NAS", "ZVOL", "FREQUENCY", "NEXTSYNC", "UPLOADSPEED", "DOWNLOADSPEED"])
     table.add(nas, body.get("zvol") or zvol, body.get("frequency"), body.get("nextsync"),
@@ -254,7 +255,7 @@ def list_host_zvolattr(inv: Invocation) -> None:
 def set_host_storageattr(inv: Invocation) -> None:
     attr = naming.attr_name(inv.args["attr"])
     value = naming.attr_value(none_or(inv.args["value"]))
-    nas = inv.nas(inv.args["nas"]).name
+    nas = inv.known_nas(inv.args["nas"])
     nas_client(inv, nas).set_attrs({attr: value})
 
 
@@ -264,7 +265,7 @@ def set_host_storageattr(inv: Invocation) -> None:
     example="rocks remove host storageattr nas-0-0 uploadspeed")
 def remove_host_storageattr(inv: Invocation) -> None:
     attr = naming.attr_name(inv.args["attr"])
-    nas = inv.nas(inv.args["nas"]).name
+    nas = inv.known_nas(inv.args["nas"])
     nas_client(inv, nas).del_attrs([attr])
 
 
@@ -302,7 +303,7 @@ SYNC_STATES = {"NAS->VM", "NAS<-VM", "NAS<-VM sched"}
                 "force=true the command refuses while a copy is not synced home.",
     example="rocks clean host storagemap nas-0-0 vol1")
 def clean_host_storagemap(inv: Invocation) -> None:
-    nas = inv.nas(inv.args["nas"]).name
+    nas = inv.known_nas(inv.args["nas"])
     zvol = naming.zvol_name(inv.args["volume"])
     nodetype = inv.param("nodetype")
     if nodetype not in (None, "nas", "vmc"):
@@ -319,7 +320,7 @@ def clean_host_storagemap(inv: Invocation) -> None:
                               "unmap it normally, or use force=true to give them up")
     host = row.get("remotehost")
     if inv.param("host") is not None:
-        host = inv.host(inv.param("host")).name
+        host = inv.known_host(inv.param("host"))
     if nodetype in (None, "vmc"):
         if host:
             inv.echo(f"cleaning {host}")

@@ -10,12 +10,14 @@ for a request the zvol's state does not allow.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from .. import paging
-from ..drivers.base import ChapCredentials
 from ..errors import ImgStorageError
 from ..rpcapi import NodeClient
+
+if TYPE_CHECKING:       # the CLI's commands import this module: no drivers for them
+    from ..drivers.base import ChapCredentials
 
 
 class VmClient(NodeClient):
