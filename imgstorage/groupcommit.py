@@ -7,16 +7,17 @@ on a busy disk), and a writer that finds the database locked sleeps in
 SQLite's busy handler, longer at each try.  Fifty requests of a boot storm,
 each writing four times, queued for seconds on that.
 
-Here a change is a function of a session.  The writers of a process queue
-their changes; one of them (the leader) runs every change queued so far, each
-in a savepoint of one transaction, and commits them with one sync, while the
-changes that arrive meanwhile queue for the next batch, led by the first of
-them.  A writer still returns only once the commit holding its change is on
-disk, so "recorded before the kernel is touched" holds as before; a change
-that fails rolls back its own savepoint, not the others'.  The leader runs the
-changes itself, one after another, so a batch costs no thread switch per
-writer.  A batch begins with ``BEGIN IMMEDIATE``: another process
-(imgstorageadmin) is waited for through SQLite's busy timeout, as before.
+Here a change is a function of the ORM handle it writes through.  The
+writers of a process queue their changes; one of them (the leader) runs every
+change queued so far, each in a savepoint of one transaction, and commits
+them with one sync, while the changes that arrive meanwhile queue for the
+next batch, led by the first of them.  A writer still returns only once the
+commit holding its change is on disk, so "recorded before the kernel is
+touched" holds as before; a change that fails rolls back its own savepoint,
+not the others'.  The leader runs the changes itself, one after another, so
+a batch costs no thread switch per writer.  A batch begins with ``BEGIN
+IMMEDIATE``: another process (imgstorageadmin) is waited for through
+SQLite's busy timeout, as before.
 """
 from __future__ import annotations
 
@@ -106,7 +107,7 @@ class GroupCommit:
         self._inside = threading.local()        # the batch whose change this thread runs
 
     def run(self, change: Callable[[Session], T], durable: bool = True) -> T:
-        """``change(session)``'s result, once committed (and on disk).
+        """What ``change`` returns (given the batch's ORM handle), once committed and on disk.
 
         With ``durable`` false it returns as soon as the change is in a batch,
         which commits it with the others (the writer that leads the batch is
@@ -134,13 +135,13 @@ class GroupCommit:
         return task.result
 
     def _apply(self, batch: _Batch, change: Callable[[Session], T]) -> T:
-        session = Session(bind=batch.conn, join_transaction_mode="create_savepoint",
-                          expire_on_commit=False)
+        handle = Session(bind=batch.conn, join_transaction_mode="create_savepoint",
+                         expire_on_commit=False)
         try:
-            with session.begin():
-                return change(session)
+            with handle.begin():
+                return change(handle)
         finally:
-            session.close()
+            handle.close()
 
     def _lead(self) -> None:
         """Run and commit the changes queued so far, then hand the lead to the next writer."""

@@ -42,8 +42,8 @@ class StateStore:
         return Session(self.engine, expire_on_commit=False)
 
     def write(self, change: Callable[[Session], T], durable: bool = True) -> T:
-        """Run ``change(session)`` in a write transaction; its result once committed,
-        with the other writers of this process (groupcommit.py)."""
+        """Run ``change`` (given an ORM handle) in a write transaction; its result once
+        committed, with the other writers of this process (groupcommit.py)."""
         return group_commit(self.engine).run(change, durable)
 
     def update(self, zvol: str, **fields) -> None:

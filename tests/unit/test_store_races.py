@@ -25,9 +25,9 @@ from imgstorage.vm.store import VmStore
 from .nas_stub import put_row
 
 
-def hold_row(session, model, zvol: str) -> None:
+def hold_row(db, model, zvol: str) -> None:
     """Take the database's write lock, as a transition in flight holds it (a no-op update)."""
-    session.execute(update(model).where(model.zvol == zvol).values(state=model.state),
+    db.execute(update(model).where(model.zvol == zvol).values(state=model.state),
                     execution_options={"synchronize_session": False})
 
 
