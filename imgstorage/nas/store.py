@@ -146,26 +146,27 @@ class NasStore(StateStore):
 
     def keep(self, zvol: str, host: str, snapshot: str) -> Optional[KeptCopy]:
         """Record that ``host`` keeps ``zvol`` as of ``snapshot``; the record it replaces."""
-        with self.session() as s, s.begin():
+        def change(s: Session) -> Optional[KeptCopy]:
             old = s.get(KeptCopy, (zvol, host))
-            before = None
-            if old is not None:
-                before = KeptCopy(zvol=old.zvol, host=old.host, snapshot=old.snapshot,
-                                  since=old.since)
-                old.snapshot, old.since = snapshot, time.time()
-            else:
+            if old is None:
                 s.add(KeptCopy(zvol=zvol, host=host, snapshot=snapshot, since=time.time()))
+                return None
+            before = KeptCopy(zvol=old.zvol, host=old.host, snapshot=old.snapshot,
+                              since=old.since)
+            old.snapshot, old.since = snapshot, time.time()
             return before
+        return self.write(change)
 
     def forget_kept(self, zvol: str, host: str,
                     snapshot: Optional[str] = None) -> Optional[KeptCopy]:
         """Drop the record of ``host``'s kept copy (only as of ``snapshot``, if given)."""
-        with self.session() as s, s.begin():
+        def change(s: Session) -> Optional[KeptCopy]:
             row = s.get(KeptCopy, (zvol, host))
             if row is None or (snapshot is not None and row.snapshot != snapshot):
                 return None
             s.delete(row)
             return row
+        return self.write(change)
 
     # -- attributes ---------------------------------------------------------
     def attrs(self) -> dict:
