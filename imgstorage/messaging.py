@@ -510,14 +510,20 @@ class Responder:
         self._message_id = message_id
         self._done = False
 
+        self._reply: Optional[Dict[str, Any]] = None
+
     def reply(self, message: Dict[str, Any]) -> None:
+        """The answer, sent by done(): one hand-over to the connection's thread, not two."""
         if self._reply_to:
-            self._consumer.publish_reply(self._generation, self._reply_to, self._message_id, message)
+            self._reply = message
 
     def done(self) -> None:
+        """Send the answer (if any), then acknowledge the request: never the other way
+        round, so a request is redelivered rather than left unanswered."""
         if not self._done:
             self._done = True
-            self._consumer.ack(self._generation, self._tag)
+            self._consumer.answer(self._generation, self._tag, self._reply_to,
+                                  self._message_id, self._reply)
 
 
 Dispatcher = Callable[[Optional[Envelope], Responder, Optional[str]], None]
@@ -558,30 +564,37 @@ class Consumer:
         except Exception as exc:
             log.warning("cannot hand work back to the broker connection: %r", exc)
 
-    def publish_reply(self, generation: int, reply_to: str, correlation_id: Optional[str],
-                      message: Dict[str, Any]) -> None:
+    def answer(self, generation: int, tag: int, reply_to: Optional[str],
+               correlation_id: Optional[str], message: Optional[Dict[str, Any]]) -> None:
+        """Publish ``message`` to ``reply_to`` (when both are given), then acknowledge."""
         def send() -> None:
-            if generation != self._generation or self._channel is None:
-                return
-            props = pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=1,
-                                         correlation_id=correlation_id, app_id=APP_ID,
-                                         timestamp=int(time.time()),
-                                         user_id=self.config.broker_user,
-                                         headers={REPLY_HEADER: 1})
-            body = protocol.encode(message)
-            if len(body) > protocol.MAX_REPLY:
-                log.error("a %s reply of %d bytes is over the %d bytes a reply may carry; "
-                          "answering with an error instead", message.get("action"), len(body),
-                          protocol.MAX_REPLY)
-                body = protocol.encode(protocol.oversized(message, len(body)))
-            try:
-                self._reply_channel().basic_publish(exchange="", routing_key=reply_to,
-                                                    body=body, properties=props)
-            except (MessagingError, pika.exceptions.AMQPError) as exc:
-                self._close_replies()
-                log.warning("could not send a reply to %s (its caller is gone?): %s",
-                            reply_to, exc if isinstance(exc, MessagingError) else _amqp_reason(exc))
+            if message is not None and reply_to:
+                self._send_reply(generation, reply_to, correlation_id, message)
+            self._ack(generation, tag)
         self._threadsafe(generation, send)
+
+    def _send_reply(self, generation: int, reply_to: str, correlation_id: Optional[str],
+                    message: Dict[str, Any]) -> None:
+        if generation != self._generation or self._channel is None:
+            return
+        props = pika.BasicProperties(content_type=CONTENT_TYPE, delivery_mode=1,
+                                     correlation_id=correlation_id, app_id=APP_ID,
+                                     timestamp=int(time.time()),
+                                     user_id=self.config.broker_user,
+                                     headers={REPLY_HEADER: 1})
+        body = protocol.encode(message)
+        if len(body) > protocol.MAX_REPLY:
+            log.error("a %s reply of %d bytes is over the %d bytes a reply may carry; "
+                      "answering with an error instead", message.get("action"), len(body),
+                      protocol.MAX_REPLY)
+            body = protocol.encode(protocol.oversized(message, len(body)))
+        try:
+            self._reply_channel().basic_publish(exchange="", routing_key=reply_to,
+                                                body=body, properties=props)
+        except (MessagingError, pika.exceptions.AMQPError) as exc:
+            self._close_replies()
+            log.warning("could not send a reply to %s (its caller is gone?): %s",
+                        reply_to, exc if isinstance(exc, MessagingError) else _amqp_reason(exc))
 
     def _reply_channel(self):
         """The channel replies go out on: a connection of their own, with confirms.
@@ -604,15 +617,13 @@ class Consumer:
         conn, self._reply_conn, self._reply_ch = self._reply_conn, None, None
         close_quietly(conn)
 
-    def ack(self, generation: int, tag: int) -> None:
-        def send() -> None:
-            if generation != self._generation or self._channel is None:
-                return
-            try:
-                self._channel.basic_ack(delivery_tag=tag)
-            except pika.exceptions.AMQPError as exc:
-                log.warning("could not acknowledge message: %r", exc)
-        self._threadsafe(generation, send)
+    def _ack(self, generation: int, tag: int) -> None:
+        if generation != self._generation or self._channel is None:
+            return
+        try:
+            self._channel.basic_ack(delivery_tag=tag)
+        except pika.exceptions.AMQPError as exc:
+            log.warning("could not acknowledge message: %r", exc)
 
     def stop(self) -> None:
         self._stop.set()

@@ -67,7 +67,10 @@ def consumer(**cfg):
     rec = Recorder()
     c = Consumer(from_dict({"name": "compute-0-3", **cfg}),
                  lambda env, responder, err: rec.dispatched.append((env, err)))
-    c.ack = lambda generation, tag: rec.acked.append(tag)
+    def answer(generation, tag, reply_to, correlation_id, message):
+        assert message is None, message          # dropped: acknowledged, never answered
+        rec.acked.append(tag)
+    c.answer = answer
     return c, rec
 
 

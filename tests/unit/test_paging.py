@@ -206,6 +206,9 @@ class _Channel:
     def basic_publish(self, exchange, routing_key, body, properties):
         self.published.append(body)
 
+    def basic_ack(self, delivery_tag):
+        self.published.append(("ack", delivery_tag))
+
 
 class _Connection:
     def add_callback_threadsafe(self, fn):
@@ -225,9 +228,9 @@ def _consumer():
 def test_a_daemon_answers_an_error_instead_of_a_reply_nobody_could_read(caplog):
     consumer = _consumer()
     big = protocol.success("list_dev", body={"x": {"pad": "y" * protocol.MAX_REPLY}})
-    consumer.publish_reply(consumer._generation, "reply-queue", "id-1", big)
+    consumer.answer(consumer._generation, 7, "reply-queue", "id-1", big)
     sent = consumer._channel.published
-    assert len(sent) == 1 and len(sent[0]) < 1000
+    assert len(sent) == 2 and len(sent[0]) < 1000 and sent[1] == ("ack", 7)  # answered, then acked
     reply = protocol.decode(sent[0], protocol.MAX_REPLY)
     assert reply["status"] == "error" and "more than the" in reply["error"]
     assert "over the 1048576 bytes a reply may carry" in caplog.text
@@ -236,5 +239,13 @@ def test_a_daemon_answers_an_error_instead_of_a_reply_nobody_could_read(caplog):
 def test_a_reply_within_the_limit_is_sent_as_it_is():
     consumer = _consumer()
     listing = protocol.success("list_zvols", body=rows(2000, pad=200), more=False)
-    consumer.publish_reply(consumer._generation, "reply-queue", "id-2", listing)
+    consumer.answer(consumer._generation, 8, "reply-queue", "id-2", listing)
     assert protocol.decode(consumer._channel.published[0], protocol.MAX_REPLY) == listing
+    assert consumer._channel.published[1:] == [("ack", 8)]
+
+
+def test_a_request_without_an_answer_is_only_acknowledged():
+    consumer = _consumer()
+    consumer.answer(consumer._generation, 9, None, "id-3", protocol.success("ping"))
+    consumer.answer(consumer._generation, 10, "reply-queue", "id-4", None)
+    assert consumer._channel.published == [("ack", 9), ("ack", 10)]
