@@ -191,7 +191,10 @@ class Daemon:
             responder.reply(protocol.error(env.action, refusal, ForbiddenError.code))
             responder.done()
             return
-        earlier = self.seen.check(env.message_id, waiter=responder)
+        quick = env.action in self.quick_actions
+        # a quick action only reads: a second copy may as well run again, and a
+        # listing's reply is not worth remembering (nor encoding once more to weigh it)
+        earlier = None if quick else self.seen.check(env.message_id, waiter=responder)
         if earlier is not None:
             if earlier is not SeenMessages.RUNNING:
                 log.info("%s %s was already answered; sending the same answer again",
@@ -202,12 +205,15 @@ class Daemon:
                 log.info("%s %s is already being handled; not running it twice, its answer "
                          "will go to this copy too", env.action, env.message_id)
             return
-        pool = self.quick_pool if env.action in self.quick_actions else self.work_pool
         with self._inflight_lock:
             self._inflight += 1
-        pool.submit(self._run, handler, env, responder)
+        if quick:
+            self.quick_pool.submit(self._run, handler, env, responder, False)
+        else:
+            self.work_pool.submit(self._run, handler, env, responder, True)
 
-    def _run(self, handler: Handler, env: Envelope, responder: Responder) -> None:
+    def _run(self, handler: Handler, env: Envelope, responder: Responder,
+             remember: bool = True) -> None:
         reply: Optional[dict]
         try:
             reply = handler(env)
@@ -218,7 +224,7 @@ class Daemon:
             log.exception("%s %s: unexpected error", env.action, _subject(env))
             reply = protocol.error(env.action, f"internal error in {env.action}: {exc}",
                                    INTERNAL)
-        waiters = self.seen.finish(env.message_id, reply)
+        waiters = self.seen.finish(env.message_id, reply) if remember else []
         log.debug("%s %s from %s answered %s in %.3fs", env.action, _subject(env), env.user_id,
                   (reply or {}).get("status", "nothing"), time.time() - env.received)
         try:

@@ -57,6 +57,24 @@ def test_duplicate_message_runs_once_and_gets_the_same_answer():
     assert r2.replies == r1.replies and r2.done_calls == 1
 
 
+def test_a_quick_action_delivered_twice_runs_twice_and_nothing_is_remembered():
+    calls = []
+
+    def listing(e):
+        calls.append(e.message_id)
+        return {"action": "list_zvols", "status": "success", "body": [{"zvol": "v"}] * 100}
+
+    d = Daemon(from_dict({"name": "nas-0-0"}), {"list_zvols": listing},
+               quick_actions={"list_zvols"})
+    r1, r2 = FakeResponder(), FakeResponder()
+    d.dispatch(env("list_zvols"), r1, None)
+    d.dispatch(env("list_zvols"), r2, None)
+    d.quick_pool.shutdown(wait=True)
+    assert calls == ["m1", "m1"] and r1.replies == r2.replies and len(r1.replies) == 1
+    assert r1.done_calls == r2.done_calls == 1
+    assert d.seen.check("m1") is None and d.seen.bytes == len("m1")   # only now marked
+
+
 def test_admin_users_restrict_management_actions():
     d, calls = make(admin_users=["admin"])
     r = FakeResponder()
