@@ -5,9 +5,9 @@ import logging
 import os
 import time
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from sqlalchemy import Row, bindparam, delete, func, select
+from sqlalchemy import bindparam, delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -45,6 +45,8 @@ class NasStore(StateStore):
     keeps_prior = frozenset({Event.UNMAP})
     clears_prior = frozenset({Event.CLEANED})
     missing = "ZVol {zvol} not found in database"
+
+    _listing: Optional[Tuple[str, Tuple[str, ...], Dict[str, Any]]] = None   # compiled once
 
     def _where(self, row) -> str:
         return f"{row.remotehost or 'no host'}; "
@@ -109,16 +111,31 @@ class NasStore(StateStore):
         with self.session() as s:
             return list(s.scalars(select(Zvol).order_by(Zvol.zvol)))
 
-    def listing(self, after: Optional[str] = None, limit: Optional[int] = None) -> List[Row]:
+    def listing(self, after: Optional[str] = None, limit: Optional[int] = None) -> List[tuple]:
         """What a listing shows of the zvols after ``after`` in name order (``limit`` at
-        most): the columns of LISTING, one row per zvol, from one query.
+        most): the columns of LISTING, one tuple per zvol, from one query.
 
-        Plain rows rather than mapped objects: building fifty of those cost a
-        listing more than the query and the reply together.
+        The statement is compiled once and run on the driver's own cursor:
+        for fifty zvols, building result rows (let alone mapped objects) cost
+        a listing three times what SQLite spends on the query, and a listing
+        is the request a dashboard sends most.
         """
-        with self.engine.connect() as conn:
-            return list(conn.execute(LISTING, {"after": after or "",
-                                               "limit": -1 if limit is None else limit}))
+        if self._listing is None:
+            compiled = LISTING.compile(dialect=self.engine.dialect)
+            self._listing = (str(compiled), tuple(compiled.positiontup or ()),
+                             dict(compiled.params))
+        sql, names, defaults = self._listing
+        values = dict(defaults, after=after or "", limit=-1 if limit is None else limit)
+        conn = self.engine.raw_connection()
+        try:
+            cursor = conn.cursor()
+            try:
+                cursor.execute(sql, tuple(values[name] for name in names))
+                return cursor.fetchall()
+            finally:
+                cursor.close()
+        finally:
+            conn.close()    # back to the pool
 
     def add(self, zvol: str, zpool: str, size_bytes: Optional[int]) -> Zvol:
         row = Zvol(zvol=zvol, zpool=zpool, size_bytes=size_bytes, state="unmapped",

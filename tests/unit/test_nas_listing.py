@@ -23,15 +23,20 @@ def nas(tmp_path):
 
 
 def statements(service, fn) -> List[str]:
+    """Every statement SQLite itself ran during ``fn`` (the listing uses the driver's
+    cursor, which SQLAlchemy's events do not see)."""
     seen: List[str] = []
+    engine = service.store.engine
+    engine.dispose()                          # new connections, each traced
 
-    def note(conn, cursor, statement, *rest) -> None:
-        seen.append(statement)
-    event.listen(service.store.engine, "before_cursor_execute", note)
+    def trace(dbapi_conn, _record) -> None:
+        dbapi_conn.set_trace_callback(seen.append)
+    event.listen(engine, "connect", trace)
     try:
         fn()
     finally:
-        event.remove(service.store.engine, "before_cursor_execute", note)
+        event.remove(engine, "connect", trace)
+        engine.dispose()
     return seen
 
 
