@@ -16,10 +16,11 @@ ran elsewhere in between and the sync's own holds moved on.
 """
 from __future__ import annotations
 
+import calendar
 import logging
 import secrets
 import time
-from typing import Iterable, List
+from typing import Iterable, List, Optional
 
 from .drivers.base import HOLD_TAG, KEPT_TAG, ZfsDriver
 from .errors import ImgStorageError
@@ -33,6 +34,22 @@ KEEP_SNAPSHOTS = 3
 def new_snapshot_name() -> str:
     """Sortable by name as well as by creation: time first, then randomness."""
     return f"{SNAP_PREFIX}{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+
+
+def taken_at(name: str) -> Optional[float]:
+    """When one of our snapshots was named (epoch seconds, rounded down), None for another's.
+
+    The name is chosen just before the snapshot is taken, so everything
+    written before this time is in the snapshot: a recovery point may be
+    stated from it without overstating what is safe.
+    """
+    if not name.startswith(SNAP_PREFIX):
+        return None
+    try:
+        return float(calendar.timegm(time.strptime(name[len(SNAP_PREFIX):][:15],
+                                                   "%Y%m%dT%H%M%S")))
+    except ValueError:
+        return None
 
 
 def ours(zfs: ZfsDriver, pool: str, zvol: str) -> List[str]:

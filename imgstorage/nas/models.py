@@ -42,6 +42,11 @@ class Zvol(Base):
     retry_at: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
     failures: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[Optional[str]] = mapped_column(String(1000), nullable=True)
+    # While the container holds writes the NAS does not have (states.SYNC_ACTIVE):
+    # the time up to which every write is on the NAS (the map, then the snapshot
+    # of the newest pull that arrived).  What a container's death would lose is
+    # what was written since.
+    recovery_point: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
     # The container keeps its copy after the final pull (its img_keep_local
     # attribute, sent with the map), as the base of the next start there.
     keep_local: Mapped[Optional[bool]] = mapped_column(Boolean, nullable=True)

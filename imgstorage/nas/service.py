@@ -31,6 +31,7 @@ RECOVERY_TIMEOUT = 5.0     # seconds a starting daemon waits for a container's a
 ROLLBACK_RELEASE_TIMEOUT = 10.0   # seconds a failed map waits for the container to let go
 RpcFactory = Callable[[], ContextManager[RpcClient]]
 MOVING_STATES = frozenset(s.value for s in MOVING)
+ON_CONTAINER_STATES = frozenset(s.value for s in SYNC_ACTIVE)
 
 
 class NasService:
@@ -138,9 +139,11 @@ class NasService:
             self._rollback_map(zvol, target if target_made else None, exc,
                                release=remotehost if asked else None)
             raise
+        # the VM starts once this map is answered: every write it makes is after now
         self.store.transition(zvol, Event.ATTACHED_SYNC if sync else Event.ATTACHED, bdev=bdev,
                               initiator=initiator, last_snapshot=None, transfer_snapshot=None,
-                              failures=0, retry_at=None)
+                              failures=0, retry_at=None,
+                              recovery_point=time.time() if sync else None)
         log.info("mapped %s to %s:%s in %.2fs%s", zvol, remotehost, bdev,
                  time.monotonic() - started, "; NAS->VM copy queued" if sync else "")
         if sync:
@@ -445,7 +448,7 @@ class NasService:
         rows = []
         for (zvol, zpool, target, remotehost, remotepool, state, sync, size, since, error,
              failures, retry_at, nextsync, frequency, lock_action,
-             lock_since) in self.store.listing(after, limit):
+             lock_since, recovery_point) in self.store.listing(after, limit):
             moving = state in MOVING_STATES
             job = self.sync.jobs.get(zvol) if moving else None
             row = {
@@ -460,6 +463,7 @@ class NasService:
                 "lock": ({"action": lock_action, "since": lock_since}
                          if lock_action is not None else None),
                 "error": error, "failures": failures or None, "retry_at": retry_at,
+                "recovery_point": recovery_point if state in ON_CONTAINER_STATES else None,
             }
             rows.append({k: v for k, v in row.items() if v is not None})
         return rows

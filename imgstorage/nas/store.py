@@ -25,7 +25,7 @@ DEFAULT_ATTRS = {"frequency": "300"}
 LISTING = (select(Zvol.zvol, Zvol.zpool, Zvol.iscsi_target, Zvol.remotehost,
                   Zvol.remotepool, Zvol.state, Zvol.sync, Zvol.size_bytes, Zvol.state_since,
                   Zvol.last_error, Zvol.failures, Zvol.retry_at, ZvolAttr.nextsync,
-                  ZvolAttr.frequency, Lock.action, Lock.since)
+                  ZvolAttr.frequency, Lock.action, Lock.since, Zvol.recovery_point)
            .outerjoin(ZvolAttr, ZvolAttr.zvol == Zvol.zvol)
            .outerjoin(Lock, Lock.zvol == Zvol.zvol)
            .where(Zvol.zvol > bindparam("after"))
@@ -36,7 +36,7 @@ LISTING = (select(Zvol.zvol, Zvol.zpool, Zvol.iscsi_target, Zvol.remotehost,
 UNMAPPED_COLUMNS = dict(remotehost=None, remotepool=None, iscsi_target=None, bdev=None,
                         initiator=None, chap_user=None, chap_secret=None,
                         transfer_snapshot=None, prior_state=None, retry_at=None, failures=0,
-                        last_error=None)
+                        last_error=None, recovery_point=None)
 
 
 class NasStore(StateStore):

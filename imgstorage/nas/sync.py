@@ -415,7 +415,7 @@ class SyncManager:
         log.info("%s of %s: %d bytes in %.1fs (%.0f B/s, estimate %s)", what, row.zvol,
                  job.progress.done, time.monotonic() - started, _average(job), size)
         self._new_base(row, snap, transfer_snapshot=None, failures=0, retry_at=None,
-                       last_error=None)
+                       last_error=None, recovery_point=syncsnaps.taken_at(snap))
         return resumed
 
     def _pull_arrived(self, row, what: str):
@@ -430,7 +430,8 @@ class SyncManager:
             return row
         log.info("%s of %s: snapshot %s had arrived whole before the daemon stopped", what,
                  row.zvol, snap)
-        self._new_base(row, snap, transfer_snapshot=None)
+        self._new_base(row, snap, transfer_snapshot=None,
+                       recovery_point=syncsnaps.taken_at(snap))
         return self.store.get(row.zvol)
 
     def _new_base(self, row, snap: str, **fields) -> None:

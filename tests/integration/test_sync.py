@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from imgstorage.syncsnaps import taken_at
+
 from .sync_helpers import (FAST, GIB, KIB, MIB, NAS, POOL, REGION, SLOW, assert_container_clean,
                            diagnose, do_writes, log_of, measure_transfer, median, nas_row,
                            nas_state, phase_writes, prepare_zvol, read, read_nas, set_zvolattr,
@@ -74,8 +76,12 @@ def test_the_nas_misses_only_the_writes_after_the_last_pull(sync_cluster):
     image, tail = prepare_zvol(c, zvol, host, 256 * KIB, seed=3)
     set_zvolattr(c, zvol, "frequency", 2)
     set_zvolattr(c, zvol, "downloadspeed", 200000)       # B needs about 2 s to come home
+    mapped_at = time.time()
     dev = sync_map(c, zvol, host)
     wait_local(c, host, zvol)
+    # safe on the NAS: everything up to the map (the VM wrote nothing before it)
+    first = nas_row(c, zvol)["recovery_point"]
+    assert mapped_at - 1 <= first <= time.time(), (mapped_at, first)
 
     a = [(MIB + 100, rng.randbytes(5000)), (MIB + 8192 - 300, rng.randbytes(600)),
          (MIB + 64 * KIB, rng.randbytes(4096)), (200 * KIB + 7, rng.randbytes(777))]
@@ -94,6 +100,8 @@ def test_the_nas_misses_only_the_writes_after_the_last_pull(sync_cluster):
         nas_row(c, zvol)), show=lambda: diagnose(c, zvol))
     after_a = row["last_snapshot"]
     assert after_a not in (None, before_a), diagnose(c, zvol)
+    # the recovery point moved to the snapshot that brought A: no later than A's writes
+    assert row["recovery_point"] == taken_at(after_a) > first, (row, first)
 
     b = [(MIB + 2000, rng.randbytes(3000)), (3 * MIB + 5, rng.randbytes(200000))]
     do_writes(c, host, dev, image, b)

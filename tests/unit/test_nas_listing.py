@@ -16,7 +16,8 @@ def nas(tmp_path):
     for name in ("vol-a", "vol-b", "vol-c", "vol-d"):
         store.add(name, "tank", 3 << 30)
     put_row(store, "vol-b", state="local", remotehost="compute-0-3", remotepool="tank",
-            sync=True, failures=2, last_error="pull: timed out", retry_at=1234.5)
+            sync=True, failures=2, last_error="pull: timed out", retry_at=1234.5,
+            recovery_point=1700000000.0)
     store.set_zvol_attrs("vol-b", {"nextsync": 5000, "frequency": 600})
     store.lock("vol-c", "unmap_zvol", "m1", "admin")
     return service
@@ -51,7 +52,20 @@ def test_each_row_holds_what_it_has_and_nothing_else(nas):
     assert (b["nextsync"], b["frequency"]) == (5000, 600)
     assert (b["error"], b["failures"], b["retry_at"]) == ("pull: timed out", 2, 1234.5)
     assert "lock" not in b and "time" not in b
+    assert b["recovery_point"] == 1700000000.0
     assert rows["vol-c"]["lock"]["action"] == "unmap_zvol"
+    assert all("recovery_point" not in rows[z] for z in ("vol-a", "vol-c", "vol-d"))
+
+
+def test_a_recovery_point_shows_only_while_the_container_holds_writes_the_nas_lacks(nas):
+    """After the final pull arrived (``releasing``) or on a direct mapping, a stale
+    recovery point would claim a risk that is not there."""
+    for state, shown in (("uploading", True), ("merging", True), ("pulling", True),
+                         ("final_pull", True), ("releasing", False), ("mapped", False)):
+        put_row(nas.store, "vol-d", state=state, sync=state != "mapped",
+                recovery_point=1700000000.0)
+        row = {r["zvol"]: r for r in nas.list_zvols()}["vol-d"]
+        assert ("recovery_point" in row) is shown, state
 
 
 def test_a_listing_is_one_query_whatever_the_number_of_zvols(nas):

@@ -59,3 +59,15 @@ def test_let_go_releases_our_holds_and_partial_receives_so_destroy_works(z):
 def test_snapshot_names_sort_by_time():
     a = syncsnaps.new_snapshot_name()
     assert a.startswith(syncsnaps.SNAP_PREFIX) and len(a) == len(syncsnaps.SNAP_PREFIX) + 22
+
+
+def test_a_snapshot_name_says_up_to_when_writes_are_in_it():
+    from imgstorage.syncsnaps import new_snapshot_name, taken_at
+    import time as _time
+    before = _time.time()
+    name = new_snapshot_name()
+    at = taken_at(name)
+    assert at is not None and before - 1 < at <= _time.time()
+    assert taken_at("IMG-STORAGE-20261129T210000-abcdef") == 1795986000.0
+    assert taken_at("someone-elses") is None
+    assert taken_at("IMG-STORAGE-notatime") is None
