@@ -143,9 +143,9 @@ def main() -> None:
         rocks = [sys.executable, "-c", "from imgstorage.frontend.cli import main; main()",
                  "list", "host", "storagemap", NAS]
         cli = wall_times(rocks, args.runs, env=bench.c.env())
-        bare = wall_times(["python3", "-c", "pass"], args.runs)
+        bare = wall_times([sys.executable, "-c", "pass"], args.runs)
         print(f"rocks list host storagemap {NAS} ({have} zvols): {cli * 1000:6.0f} ms wall; "
-              f"python3 -c pass: {bare * 1000:4.0f} ms (medians of {args.runs})")
+              f"python -c pass: {bare * 1000:4.0f} ms (medians of {args.runs})")
     run_cycles(args.seconds, None, "no latency model")
     if args.model:
         run_cycles(args.seconds, MODEL, f"sim_latency {MODEL}")
