@@ -156,6 +156,13 @@ class _ConnectionLost(Exception):
 class RpcClient:
     """Request/reply over one connection; not thread-safe (one per thread or call).
 
+    A request that expects an answer is published without waiting for the
+    broker's confirm: the answer confirms it, and a request no queue takes
+    comes back at once (``mandatory``) as "no such node".  Waiting for the
+    confirm cost a broker round trip per request, a third to a half of a
+    listing's.  A notification has no answer, so it is confirmed, on a
+    channel of its own.
+
     A reply is taken only from the node that was asked (the broker validates
     ``user_id``) or from the caller's own broker user (a setup where every
     node shares one user); anything else arriving on the reply pseudo-queue is
@@ -168,8 +175,10 @@ class RpcClient:
     def __init__(self, config: Config):
         self.config = config
         self._conn: Optional[pika.BlockingConnection] = None
-        self._channel = None
+        self._channel = None                    # requests, and their replies
+        self._confirmed = None                  # notifications, with confirms
         self._replies: Dict[str, Dict[str, Any]] = {}
+        self._returned: Dict[str, str] = {}     # message id -> why no queue took it
         self._asked: Dict[str, str] = {}        # message id -> node it was sent to
         self.broker: Optional[str] = None       # host:port of the broker in use
 
@@ -188,7 +197,7 @@ class RpcClient:
         try:
             ensure_exchange(self._conn, self.config.exchange)
             ch = self._conn.channel()
-            ch.confirm_delivery()
+            ch.add_on_return_callback(self._on_return)
             ch.basic_consume(queue=DIRECT_REPLY_TO, on_message_callback=self._on_reply,
                              auto_ack=True)
         except pika.exceptions.AMQPError as exc:
@@ -197,6 +206,24 @@ class RpcClient:
                                     f"{_amqp_reason(exc)}") from None
         self._channel = ch
         return ch
+
+    def _confirming(self):
+        """The channel notifications go out on (opened with the connection's first one)."""
+        self._open()
+        if self._confirmed is None or not self._confirmed.is_open:
+            try:
+                self._confirmed = self._conn.channel()
+                self._confirmed.confirm_delivery()
+            except pika.exceptions.AMQPError as exc:
+                self.close()
+                raise _ConnectionLost(f"lost the message broker while preparing a "
+                                      f"notification ({type(exc).__name__})") from None
+        return self._confirmed
+
+    def _on_return(self, _ch, method, props, _body: bytes) -> None:
+        """A request no queue took: its node does not exist (or has no queue yet)."""
+        if props.message_id in self._asked:
+            self._returned[props.message_id] = str(getattr(method, "reply_text", "NO_ROUTE"))
 
     def accepts(self, correlation_id: Optional[str], user_id: Optional[str]) -> bool:
         """Whether a reply comes from the node that was asked (or from our own user)."""
@@ -220,7 +247,7 @@ class RpcClient:
     def _publish(self, node: str, message: Dict[str, Any], timeout: Optional[float],
                  reply: bool, message_id: str, deadline: Optional[float]) -> None:
         """Publish once; a broken connection raises _ConnectionLost (worth another try)."""
-        ch = self._open()
+        ch = self._open() if reply else self._confirming()
         headers: Dict[str, Any] = {}
         expiration = None
         if timeout is not None:
@@ -239,6 +266,10 @@ class RpcClient:
             raise NoSuchNode(node) from None
         except pika.exceptions.NackError:
             raise MessagingError(f"the message broker refused the request to {node}") from None
+        except pika.exceptions.ChannelClosedByBroker as exc:   # the same again gets the same
+            self.close()
+            raise MessagingError(f"the message broker refused the request to {node}: "
+                                 f"{_amqp_reason(exc)}") from None
         except pika.exceptions.AMQPError as exc:
             self.close()
             raise _ConnectionLost(f"lost the message broker while sending to {node} "
@@ -268,15 +299,22 @@ class RpcClient:
         finally:
             self._asked.pop(message_id, None)
             self._replies.pop(message_id, None)
+            self._returned.pop(message_id, None)
 
     def _wait_reply(self, node: str, timeout: float):
         def wait(message_id: str, until: float) -> Dict[str, Any]:
             while message_id not in self._replies:
+                if message_id in self._returned:
+                    raise NoSuchNode(node)
                 remaining = until - time.monotonic()
                 if remaining <= 0:
                     raise RpcTimeout(node, timeout)
                 try:
                     self._conn.process_data_events(time_limit=min(remaining, 1.0))
+                except pika.exceptions.ChannelClosedByBroker as exc:
+                    self.close()     # the request itself was refused: sending it again won't do
+                    raise MessagingError(f"the message broker refused the request to {node}: "
+                                         f"{_amqp_reason(exc)}") from None
                 except pika.exceptions.AMQPError as exc:
                     self.close()
                     raise _ConnectionLost(f"lost the message broker while waiting for {node} "
@@ -315,7 +353,7 @@ class RpcClient:
         return self._conn is not None and self._conn.is_open
 
     def close(self) -> None:
-        conn, self._conn, self._channel = self._conn, None, None
+        conn, self._conn, self._channel, self._confirmed = self._conn, None, None, None
         close_quietly(conn)
 
 
