@@ -311,14 +311,17 @@ class RpcClient:
                     raise RpcTimeout(node, timeout)
                 try:
                     self._conn.process_data_events(time_limit=min(remaining, 1.0))
-                except pika.exceptions.ChannelClosedByBroker as exc:
-                    self.close()     # the request itself was refused: sending it again won't do
-                    raise MessagingError(f"the message broker refused the request to {node}: "
-                                         f"{_amqp_reason(exc)}") from None
                 except pika.exceptions.AMQPError as exc:
                     self.close()
                     raise _ConnectionLost(f"lost the message broker while waiting for {node} "
                                           f"({type(exc).__name__})") from None
+                if self._channel is not None and not self._channel.is_open:
+                    # the broker closed the channel, not the connection: it refused the
+                    # request itself (a user_id or a permission), and would again
+                    why = getattr(self._channel, "_closing_reason", None)
+                    self.close()
+                    raise MessagingError(f"the message broker refused the request to {node}: "
+                                         f"{_amqp_reason(why) if why else 'channel closed'}")
             return self._replies.pop(message_id)
         return wait
 

@@ -6,8 +6,9 @@ import time
 import pika
 import pytest
 
-from imgstorage.errors import NoSuchNode, RpcTimeout
-from imgstorage.messaging import DIRECT_REPLY_TO, connect
+from imgstorage.config import from_dict
+from imgstorage.errors import MessagingError, NoSuchNode, RpcTimeout
+from imgstorage.messaging import DIRECT_REPLY_TO, RpcClient, connect
 
 
 def test_ping_every_node(rpc, daemons):
@@ -21,6 +22,29 @@ def test_unroutable_node_fails_at_once(rpc):
     with pytest.raises(NoSuchNode, match="no such node: nas-9-9"):
         rpc.call("nas-9-9", {"action": "list_zvols"}, timeout=30)
     assert time.monotonic() - started < 10  # not the 30 s timeout
+
+
+def test_a_request_the_broker_refuses_fails_at_once_with_its_reason(daemons):
+    """A request is not confirmed before its answer is awaited: a refusal (here a
+    ``user_id`` that is not the connection's) must still end it, not its timeout."""
+    import json
+
+    class Claiming:
+        """The frontend's configuration, claiming to publish as another user."""
+        broker_user = "someone-else"
+
+        def __init__(self, config):
+            self._config = config
+
+        def __getattr__(self, name):
+            return getattr(self._config, name)
+
+    cfg = from_dict(json.loads(daemons.config_path("frontend").read_text()))
+    with RpcClient(Claiming(cfg)) as impostor:
+        with pytest.raises(MessagingError, match="refused the request to nas-0-0: "
+                                                 "PRECONDITION_FAILED") as caught:
+            impostor.request("nas-0-0", {"action": "ping"}, timeout=120)
+    assert not isinstance(caught.value, RpcTimeout)
 
 
 def test_node_with_queue_but_no_daemon_times_out_naming_it(rpc, daemons):
