@@ -38,6 +38,9 @@ REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 PHASE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
                  3600.0, 7200.0, 21600.0)
 
+#: the phases of a zvol's life that are timed: nas/states.py and vm/states.py name the
+#: transitions that end them, nas/handlers.py times the two that are requests
+PHASES = ("map", "copy", "merge", "map_to_local", "pull", "final_pull", "unmap")
 UNKNOWN = "unknown"                # the action label of a request no handler serves
 TRANSFER_KINDS = ("upload", "pull", "final_pull", "release")
 # outcomes of requests that never reached a handler
@@ -85,7 +88,7 @@ class Metrics:
             "answer, by action.", ["action"], buckets=REQUEST_BUCKETS, registry=registry)
         self.phase_seconds = Histogram(
             "imgstorage_phase_duration_seconds", "Seconds each phase of a zvol's life took "
-            "(map, copy, merge, map_to_local, pull, final_pull, unmap), once it ended well.",
+            f"({', '.join(PHASES)}), once it ended well.",
             ["phase"], buckets=PHASE_BUCKETS, registry=registry)
         self.transfer_failures = Counter(
             "imgstorage_transfer_failures", "Transfers that failed (each retry that failed "
@@ -353,4 +356,5 @@ class DeviceCollector(ZvolCollector):
         return [count, state, merge]
 
 
-__all__ = ["Metrics", "NasCollector", "DeviceCollector", "PHASE_BUCKETS", "REQUEST_BUCKETS"]
+__all__ = ["Metrics", "NasCollector", "DeviceCollector", "PHASES", "PHASE_BUCKETS",
+           "REQUEST_BUCKETS"]
