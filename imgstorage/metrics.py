@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from .errors import INTERNAL, TOO_LARGE, UNKNOWN_ACTION, ImgStorageError
+from .rowstore import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class Pool:
 class Metrics:
     """One daemon's registry, the instruments its code updates, and its endpoint."""
 
-    def __init__(self, node: str, role: str):
+    def __init__(self, node: str, role: str) -> None:
         self.node, self.role = node, role
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
@@ -125,14 +126,15 @@ class Metrics:
             self.request_seconds.labels(action).observe(max(0.0, seconds))
 
     def expect_phases(self, *phases: str) -> None:
+        """Series at 0 for the phases this daemon times, before the first ends."""
         for phase in phases:
             self.phase_seconds.labels(phase)
 
     def observe_phase(self, phase: str, seconds: float) -> None:
         self.phase_seconds.labels(phase).observe(max(0.0, seconds))
 
-    def time_phases(self, store, table: Mapping[Tuple[Enum, Enum], Tuple[str, Optional[str]]]
-                    ) -> None:
+    def time_phases(self, store: StateStore,
+                    table: Mapping[Tuple[Enum, Enum], Tuple[str, Optional[str]]]) -> None:
         """Time the phases ``table`` names (states.PHASES) from ``store``'s transitions."""
         phases = {(state.value, event.value): entry for (state, event), entry in table.items()}
         self.expect_phases(*{phase for phase, _column in phases.values()})
@@ -207,7 +209,7 @@ def _gauge(name: str, doc: str, labels: Tuple[str, ...] = ()) -> GaugeMetricFami
 class _NodeCollector:
     """The node itself: who it is, its worker pools, its broker connection."""
 
-    def __init__(self, metrics: Metrics):
+    def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
     def describe(self) -> List[Metric]:
@@ -262,7 +264,7 @@ class ZvolCollector:
 class NasCollector(ZvolCollector):
     """A NAS's zvols: state, transfers, pulls, recovery point, failures."""
 
-    def __init__(self, service):
+    def __init__(self, service: Any) -> None:     # nas.service.NasService
         self.service = service
 
     def families(self, now: float) -> List[Metric]:
@@ -333,7 +335,7 @@ class NasCollector(ZvolCollector):
 class DeviceCollector(ZvolCollector):
     """A container's devices: how many by status, their states, how far each merge is."""
 
-    def __init__(self, service):
+    def __init__(self, service: Any) -> None:     # vm.service.VmService (its list_dev)
         self.service = service
 
     def families(self, now: float) -> List[Metric]:
@@ -351,7 +353,7 @@ class DeviceCollector(ZvolCollector):
             status = str(entry.get("status") or UNKNOWN)
             statuses[status] = statuses.get(status, 0) + 1
             if not entry.get("zvol"):
-                continue            # a session of no zvol of ours: counted only
+                continue            # an iSCSI disk of no zvol of ours: counted only
             state.add_metric([entry["zvol"], str(entry.get("state") or UNKNOWN), status], 1)
             if entry.get("synced_percent") is not None:
                 merge.add_metric([entry["zvol"]], entry["synced_percent"] / 100.0)

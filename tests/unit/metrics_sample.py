@@ -25,7 +25,7 @@ from .nas_stub import HOST, nas_service, put_row
 NOW = time.time()
 
 # What list_dev answers for a container with one merging, one local and one kept
-# device and a session of no zvol of its own (the form of VmService.list_dev).
+# device and an iSCSI disk of no zvol of its own (the form of VmService.list_dev).
 DEVICES: Dict[str, Dict] = {
     "vol-merge": {"zvol": "vol-merge", "device": "vol-merge-snap", "status": "snapshot-merge",
                   "state": "merging", "synced_percent": 42.5, "started": True,
@@ -52,15 +52,17 @@ def nas_metrics(root) -> Iterator[Tuple[Metrics, object]]:
     """A NAS's metrics with every family filled; the service behind them."""
     service, _containers = nas_service(root)
     store = service.store
+    now = time.time()
     for name in ("vol-local", "vol-copy", "vol-fail", "vol-idle"):
         store.add(name, "tank", 2 << 30)
     put_row(store, "vol-local", state="local", remotehost=HOST, remotepool="tank", sync=True,
-            recovery_point=NOW - 100, state_since=NOW - 3000)
-    store.set_zvol_attrs("vol-local", {"nextsync": int(NOW + 200), "last_pull_at": int(NOW - 100)})
+            recovery_point=now - 100, state_since=now - 3000)
+    store.set_zvol_attrs("vol-local", {"nextsync": int(now + 200),
+                                       "last_pull_at": int(now - 100)})
     put_row(store, "vol-copy", state="uploading", remotehost=HOST, remotepool="tank", sync=True,
-            recovery_point=NOW - 20, state_since=NOW - 20)
+            recovery_point=now - 20, state_since=now - 20)
     put_row(store, "vol-fail", state="final_pull", remotehost=HOST, remotepool="tank",
-            sync=True, recovery_point=NOW - 900, failures=3, retry_at=NOW + 8,
+            sync=True, recovery_point=now - 900, failures=3, retry_at=now + 8,
             last_error="final NAS<-VM sync: timed out")
     release = threading.Event()
     started = threading.Event()
