@@ -15,8 +15,10 @@ setup(
         "click>=8.0",
         "rtslib-fb>=2.1",
         "tqdm>=4.60",       # the progress bar of commands on many VMs, on a terminal only
+        "prometheus-client>=0.17",   # the daemons' metrics endpoint (metrics_port)
     ],
-    extras_require={"test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6"]},
+    extras_require={"test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6",
+                         "PyYAML>=6"]},     # reads the shipped alert rules
     # The service files, for an administrator to copy: the two LSB scripts and
     # the functions they share go together into /etc/init.d (the scripts also
     # look in /usr/lib/imgstorage), the units into /etc/systemd/system.

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import socket
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from imgstorage.simcluster import SimCluster, broker_url, broker_vhost
@@ -45,6 +47,27 @@ class Demo:
 
     def rocks(self, *args: str, expect_ok: bool = True) -> str:
         return self.shell("rocks", *args, expect_ok=expect_ok)
+
+    def scrape(self, node: str, *prefixes: str) -> None:
+        """What Prometheus reads from ``node``'s metrics endpoint: the lines of interest."""
+        url = f"http://127.0.0.1:{self.c.node_settings[node]['metrics_port']}/metrics"
+        print(f"# curl -s {url} | grep -E '^({'|'.join(prefixes)})'")
+        try:
+            with urllib.request.urlopen(url, timeout=10) as answer:
+                text = answer.read().decode()
+        except OSError as exc:
+            self.failures += 1
+            print(f"!!! no answer from {url}: {exc}")
+            return
+        for line in text.splitlines():
+            if line.startswith(prefixes):
+                print(line)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _quote(arg: str) -> str:
@@ -132,6 +155,11 @@ def run(demo: Demo) -> None:
     d.rocks("list", "host", "storagemap", "nas-0-0")
     d.rocks("list", "host", "storagedev", "vm-container-0-14")
     d.shell("sim", "zfs", "list", "--host", "vm-container-0-14")
+    d.say("What Prometheus scrapes meanwhile (metrics_port): the zvol's state, its recovery "
+          "point, the phases timed so far")
+    d.scrape("nas-0-0", "imgstorage_zvol_state{", "imgstorage_zvol_recovery_point",
+             "imgstorage_zvol_sync_frequency", "imgstorage_phase_duration_seconds_count")
+    d.scrape("vm-container-0-14", "imgstorage_devices", "imgstorage_phase_duration_seconds_count")
     late = b"written after the switch to the local copy\n"
     d.shell("sim", "write", "--host", "vm-container-0-14", "/dev/mapper/compute-0-14-0-vol-snap",
             "--offset", "8192", input=late)
@@ -192,7 +220,9 @@ def main() -> int:
     print(f"imgstorage demo: work folder {workdir} (logs in {workdir / 'log'}), "
           f"broker vhost {args.vhost}")
     with broker_vhost(args.vhost):
-        cluster = SimCluster(workdir, broker_url(args.vhost))
+        nodes = ("nas-0-0", "vm-container-0-14", "compute-0-3")
+        cluster = SimCluster(workdir, broker_url(args.vhost), node_settings={
+            node: {"metrics_port": free_port()} for node in nodes})
         cluster.make_pools()
         cluster.start()
         demo = Demo(cluster)

@@ -30,7 +30,7 @@ KNOWN_KEYS = {
     "network", "default_pool", "img_sync_workers", "transport", "log_file",
     "admin_users", "chap", "timeout", "target", "stream_address", "stream_bind", "ssh_user",
     "pool_wait", "nas_users", "max_streams", "max_request_time", "broker_node", "sim_latency",
-    "request_workers",
+    "request_workers", "metrics_port", "metrics_bind",
 }
 
 
@@ -65,6 +65,8 @@ class Config:
     max_request_time: float = 3600.0       # the longest any request may hold a lock or worker
     broker_node: Optional[str] = None      # the RabbitMQ node rabbitmqctl talks to (frontend)
     sim_latency: Dict[str, float] = field(default_factory=dict)  # seconds per simulated subsystem
+    metrics_port: Optional[int] = None     # the Prometheus endpoint's port; None: no endpoint
+    metrics_bind: str = "127.0.0.1"        # the address it listens on
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def require(self, *keys: str) -> None:
@@ -196,7 +198,7 @@ def _check(path: str, key: str, value: Any) -> Any:
             if value not in ("real", "sim"):
                 raise ValidationError('expected "real" or "sim"')
             return value
-        if key in ("stream_address", "stream_bind"):
+        if key in ("stream_address", "stream_bind", "metrics_bind"):
             if not isinstance(value, str) or not naming.is_host_or_ip(value):
                 raise ValidationError("expected a host name or an IP address")
             return value
@@ -233,6 +235,11 @@ def _check(path: str, key: str, value: Any) -> Any:
                                                               value):
                 raise ValidationError("expected a RabbitMQ node name such as rabbit@frontend")
             return value
+        if key == "metrics_port":
+            n = naming.non_negative_int(key, value, allow_none=False, minimum=1)
+            if n > 65535:
+                raise ValidationError("expected a TCP port number, 1 to 65535")
+            return n
         if key == "max_streams":
             n = naming.non_negative_int(key, value, allow_none=False, minimum=1)
             if n > 1024:

@@ -30,6 +30,7 @@ from . import protocol
 from .config import Config
 from .errors import INTERNAL, UNKNOWN_ACTION, ForbiddenError, ImgStorageError, ValidationError
 from .messaging import Consumer, Envelope, Responder
+from .metrics import DUPLICATE, EXPIRED, UNKNOWN, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +132,11 @@ class Daemon:
 
     def __init__(self, config: Config, handlers: Dict[str, Handler],
                  quick_actions: Iterable[str] = (), workers: Optional[int] = None,
-                 background: Iterable[object] = (), restricted: Iterable[str] = ()):
+                 background: Iterable[object] = (), restricted: Iterable[str] = (),
+                 metrics: Optional[Metrics] = None):
         self.config = config
+        self.metrics = metrics if metrics is not None else Metrics(config.name or "", "node")
+        self.metrics.expect_requests(handlers)
         self.background = list(background)   # objects with start() and stop()
         self.restricted = set(restricted)     # actions only admin_users may ask for
         self.seen = SeenMessages()
@@ -142,11 +146,21 @@ class Daemon:
         self.work_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="work")
         self.quick_pool = ThreadPoolExecutor(max_workers=QUICK_WORKERS,
                                              thread_name_prefix="quick")
-        self._inflight = 0
+        self._inflight = {"work": 0, "quick": 0}     # requests held by each pool
         self._inflight_lock = threading.Lock()
-        self.consumer = Consumer(config, self.dispatch, on_connected=self.on_connected,
-                                 busy=lambda: self._inflight > 0,
+        self._connections = 0
+        self.consumer = Consumer(config, self.dispatch, on_connected=self._connected,
+                                 busy=lambda: any(self._inflight.values()),
                                  prefetch=workers + QUICK_WORKERS)
+        self.metrics.add_pool("work", workers, lambda: self._inflight["work"])
+        self.metrics.add_pool("quick", QUICK_WORKERS, lambda: self._inflight["quick"])
+        self.metrics.broker_connected = self.consumer.connected.is_set
+
+    def _connected(self) -> None:
+        self._connections += 1
+        if self._connections > 1:
+            self.metrics.reconnected()
+        self.on_connected()
 
     def on_connected(self) -> None:
         """Hook for subclasses; runs on every (re)connection."""
@@ -169,6 +183,7 @@ class Daemon:
                  decode_error: Optional[str]) -> None:
         if env is None:
             log.warning("rejected a message: %s", decode_error)
+            self.metrics.request(UNKNOWN, ValidationError.code)
             responder.reply(protocol.error(None, decode_error or "malformed message",
                                            ValidationError.code))
             responder.done()
@@ -176,11 +191,13 @@ class Daemon:
         if env.expired:
             log.warning("dropped %s %s: its caller stopped waiting before it could run",
                         env.action, env.message_id)
+            self.metrics.request(env.action if env.action in self.handlers else UNKNOWN, EXPIRED)
             responder.done()
             return
         handler = self.handlers.get(env.action)
         if handler is None:
             log.warning("rejected unknown action %r from %s", env.action, env.user_id)
+            self.metrics.request(UNKNOWN, UNKNOWN_ACTION)
             responder.reply(protocol.error(env.action, f"unknown action: {env.action[:80]}",
                                            UNKNOWN_ACTION))
             responder.done()
@@ -188,6 +205,7 @@ class Daemon:
         refusal = self.refuse(env)
         if refusal:
             log.warning("refused %s from broker user %r: %s", env.action, env.user_id, refusal)
+            self.metrics.request(env.action, ForbiddenError.code)
             responder.reply(protocol.error(env.action, refusal, ForbiddenError.code))
             responder.done()
             return
@@ -196,6 +214,7 @@ class Daemon:
         # listing's reply is not worth remembering (nor encoding once more to weigh it)
         earlier = None if quick else self.seen.check(env.message_id, waiter=responder)
         if earlier is not None:
+            self.metrics.request(env.action, DUPLICATE)
             if earlier is not SeenMessages.RUNNING:
                 log.info("%s %s was already answered; sending the same answer again",
                          env.action, env.message_id)
@@ -205,15 +224,14 @@ class Daemon:
                 log.info("%s %s is already being handled; not running it twice, its answer "
                          "will go to this copy too", env.action, env.message_id)
             return
+        pool = "quick" if quick else "work"
         with self._inflight_lock:
-            self._inflight += 1
-        if quick:
-            self.quick_pool.submit(self._run, handler, env, responder, False)
-        else:
-            self.work_pool.submit(self._run, handler, env, responder, True)
+            self._inflight[pool] += 1
+        (self.quick_pool if quick else self.work_pool).submit(
+            self._run, handler, env, responder, not quick, pool)
 
     def _run(self, handler: Handler, env: Envelope, responder: Responder,
-             remember: bool = True) -> None:
+             remember: bool = True, pool: str = "work") -> None:
         reply: Optional[dict]
         try:
             reply = handler(env)
@@ -225,8 +243,11 @@ class Daemon:
             reply = protocol.error(env.action, f"internal error in {env.action}: {exc}",
                                    INTERNAL)
         waiters = self.seen.finish(env.message_id, reply) if remember else []
+        took = time.time() - env.received
+        failed = reply is not None and reply.get("status") != "success"
+        self.metrics.request(env.action, protocol.error_code(reply) if failed else "success", took)
         log.debug("%s %s from %s answered %s in %.3fs", env.action, _subject(env), env.user_id,
-                  (reply or {}).get("status", "nothing"), time.time() - env.received)
+                  (reply or {}).get("status", "nothing"), took)
         try:
             # the newest copy first: an older one's caller may have lost its broker
             for each in waiters[::-1] + [responder]:
@@ -237,7 +258,7 @@ class Daemon:
                     each.done()
         finally:
             with self._inflight_lock:
-                self._inflight -= 1
+                self._inflight[pool] -= 1
 
     def serve(self) -> int:
         """Run until SIGTERM/SIGINT; in-flight work is allowed to finish."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable, Dict, Optional
 
 from .. import naming, paging, protocol, trust
@@ -61,6 +62,7 @@ def build(service: NasService) -> Dict[str, object]:
                                    env.budget(default_timeout), keep_local=keep_local)
         # the copy starts now, not at the scheduler's next look: it skips a held zvol
         service.sync.wake()
+        service.metrics.observe_phase("map", time.time() - env.received)
         return protocol.success("map_zvol", **out)
 
     def unmap_zvol(env: Envelope) -> dict:
@@ -68,6 +70,7 @@ def build(service: NasService) -> Dict[str, object]:
         with locked(env, zvol):
             service.unmap_zvol(zvol, env.budget(default_timeout))
         service.sync.wake()          # the final pull, if any, without waiting for a tick
+        service.metrics.observe_phase("unmap", time.time() - env.received)
         return protocol.success("unmap_zvol", zvol=zvol)
 
     def del_zvol(env: Envelope) -> dict:

@@ -32,6 +32,7 @@ class Job:
 
 class Jobs:
     def __init__(self, workers: int):
+        self.workers = workers
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sync")
         self._lock = threading.Lock()
         self._jobs: Dict[str, Job] = {}
@@ -40,6 +41,11 @@ class Jobs:
     def get(self, zvol: str) -> Optional[Job]:
         with self._lock:
             return self._jobs.get(zvol)
+
+    def count(self) -> int:
+        """Jobs running or waiting for a worker (the metrics' saturation of the pool)."""
+        with self._lock:
+            return len(self._jobs)
 
     def start(self, zvol: str, kind: str, work: Callable[[Job], None]) -> Optional[Job]:
         """Run ``work`` for ``zvol`` unless a job runs or an operator holds the zvol."""

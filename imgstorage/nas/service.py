@@ -19,10 +19,12 @@ from ..drivers.base import ChapCredentials
 from ..drivers.resolver import host_known, network_name
 from ..errors import ImgStorageError, NotFoundError, RemoteError, StateError, ValidationError
 from ..messaging import RpcClient, RpcPool
+from ..metrics import Metrics
 from ..protocol import ContainerState
 from ..rpcapi import PerRequest
 from ..vm.client import VmClient
-from .states import MOVING, RUNNING_FROM_COPY, SYNC_ACTIVE, UNMAPPABLE, Event, State, display
+from .states import (MOVING, PHASES, RUNNING_FROM_COPY, SYNC_ACTIVE, UNMAPPABLE, Event, State,
+                     display)
 from .store import NasStore
 
 log = logging.getLogger(__name__)
@@ -36,12 +38,16 @@ ON_CONTAINER_STATES = frozenset(s.value for s in SYNC_ACTIVE)
 
 class NasService:
     def __init__(self, config: Config, store: NasStore, drivers: NodeDrivers,
-                 rpc_factory: Optional[RpcFactory] = None):
+                 rpc_factory: Optional[RpcFactory] = None, metrics: Optional[Metrics] = None):
         from .kept import KeptCopies
         from .sync import SyncManager
         from .transport import make_transport
         self.config = config
         self.store = store
+        # the daemon's metrics (its endpoint's registry), or a registry of our own
+        self.metrics = metrics if metrics is not None else Metrics(config.name or "", "nas")
+        self.metrics.time_phases(store, PHASES)
+        self.metrics.expect_phases("map", "unmap")     # timed by their requests (handlers.py)
         self.drivers = drivers
         # Connections to the containers stay open between requests (one per thread
         # in use): a boot storm must not open one per question.
@@ -433,7 +439,8 @@ class NasService:
                         zvol, exc)
 
     # -- listings -----------------------------------------------------------
-    def list_zvols(self, after: Optional[str] = None, limit: Optional[int] = None) -> List[Dict]:
+    def list_zvols(self, after: Optional[str] = None, limit: Optional[int] = None,
+                   detail: bool = False) -> List[Dict]:
         """The zvols after ``after`` in name order (``limit`` at most), each row only with
         what it holds.
 
@@ -444,11 +451,17 @@ class NasService:
         ``is_delete_remote``, which ``lifecycle`` says; the container's
         ``bdev``, which ``list_dev`` shows) are left out.  The zvols, their
         attributes and their locks come from one query.
+
+        ``detail`` adds what the metrics read and no listing needs on the wire
+        (imgstorage/metrics.py): since when the zvol is in its state
+        (``since``), when the last pull arrived (``last_pull_at``), the size in
+        bytes (``size_bytes``) and a running transfer's ``transfer`` (its kind,
+        bytes done and estimated size).
         """
         rows = []
         for (zvol, zpool, target, remotehost, remotepool, state, sync, size, since, error,
              failures, retry_at, nextsync, frequency, lock_action,
-             lock_since, recovery_point) in self.store.listing(after, limit):
+             lock_since, recovery_point, last_pull_at) in self.store.listing(after, limit):
             moving = state in MOVING_STATES
             job = self.sync.jobs.get(zvol) if moving else None
             row = {
@@ -465,6 +478,11 @@ class NasService:
                 "error": error, "failures": failures or None, "retry_at": retry_at,
                 "recovery_point": recovery_point if state in ON_CONTAINER_STATES else None,
             }
+            if detail:
+                progress = job.progress if job else None    # a second pass gets a new one
+                row.update(since=since, last_pull_at=last_pull_at, size_bytes=size, transfer=(
+                    {"kind": job.kind, "done": progress.done, "total": progress.total}
+                    if job else None))
             rows.append({k: v for k, v in row.items() if v is not None})
         return rows
 

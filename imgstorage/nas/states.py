@@ -116,6 +116,19 @@ for _state in State:
     if _state is not State.DELETING:
         TRANSITIONS[(_state, Event.CLEANED)] = State.UNMAPPED
 
+# The phases of a zvol's life the metrics time (imgstorage/metrics.py): the transition
+# that ends each, and the row's column that says when it began (None: when the state
+# left began).  A map's and an unmap's answers are timed by their requests instead.
+# Until the first periodic pull, a zvol's recovery point is the moment its sync map
+# was answered (the VM wrote nothing before, and no pull runs before it is local), so
+# it times the map's answer to the VM running from the container's copy.
+PHASES: Dict[Tuple[State, Event], Tuple[str, Optional[str]]] = {
+    (State.UPLOADING, Event.UPLOADED): ("copy", None),
+    (State.MERGING, Event.SYNCED): ("map_to_local", "recovery_point"),
+    (State.PULLING, Event.PULLED): ("pull", None),
+    (State.FINAL_PULL, Event.PULLED): ("final_pull", None),
+}
+
 # What ``rocks list host storagemap`` shows for each state.
 DISPLAY = {
     State.UNMAPPED: "unmapped",

@@ -25,7 +25,8 @@ DEFAULT_ATTRS = {"frequency": "300"}
 LISTING = (select(Zvol.zvol, Zvol.zpool, Zvol.iscsi_target, Zvol.remotehost,
                   Zvol.remotepool, Zvol.state, Zvol.sync, Zvol.size_bytes, Zvol.state_since,
                   Zvol.last_error, Zvol.failures, Zvol.retry_at, ZvolAttr.nextsync,
-                  ZvolAttr.frequency, Lock.action, Lock.since, Zvol.recovery_point)
+                  ZvolAttr.frequency, Lock.action, Lock.since, Zvol.recovery_point,
+                  ZvolAttr.last_pull_at)
            .outerjoin(ZvolAttr, ZvolAttr.zvol == Zvol.zvol)
            .outerjoin(Lock, Lock.zvol == Zvol.zvol)
            .where(Zvol.zvol > bindparam("after"))

@@ -205,7 +205,8 @@ class SyncManager:
             if nextsync <= now:
                 self.jobs.start(row.zvol, "pull", lambda job: self._pull(job, final=False))
 
-    def _failed(self, zvol: str, what: str, exc: Exception) -> None:
+    def _failed(self, zvol: str, what: str, exc: Exception, kind: Optional[str] = None) -> None:
+        """Record a failed transfer (``kind``: by default, the kind of the job failing)."""
         if busy(exc):
             # another request holds the zvol there: ask again soon, with no backoff
             log.info("%s of %s: the container is busy with it (%s); asking again in %.0f s",
@@ -213,6 +214,8 @@ class SyncManager:
             self.store.update(zvol, retry_at=time.time() + BUSY_RETRY)
             return
         self._resume_ended(zvol, exc)
+        job = self.jobs.get(zvol)           # the job failing (its kind: upload, pull, ...)
+        self.service.metrics.transfer_failed(kind or (job.kind if job else "other"))
         row = self.store.get(zvol)
         failures = (row.failures or 0) + 1 if row else 1
         delay = min(MAX_BACKOFF, 2.0 ** failures)
@@ -501,7 +504,7 @@ class SyncManager:
                 self.service.kept.record(row, keep)
             kept = self.service.container(row.remotehost).del_local(row.zvol, keep=keep)
         except (ImgStorageError, OSError) as exc:
-            self._failed(row.zvol, f"release of {row.remotehost}'s copy", exc)
+            self._failed(row.zvol, f"release of {row.remotehost}'s copy", exc, kind="release")
             return
         if keep and not kept:
             self.service.kept.forget(row.zvol, row.remotehost, keep)

@@ -10,6 +10,7 @@ from ..messaging import RpcPool
 from ..daemon import Daemon, command_line
 from ..db import create_schema, make_engine
 from ..drivers import node_drivers
+from ..metrics import DeviceCollector, Metrics
 from . import handlers
 from .models import Base, VmZvol
 from .service import VmService
@@ -30,15 +31,19 @@ def notifier(cfg: Config, peers: RpcPool):
 
 def build_daemon(cfg: Config) -> Daemon:
     dblock.claim(cfg.db)
+    metrics = Metrics(cfg.name, "vm")
+    metrics.listen(cfg.metrics_port, cfg.metrics_bind)   # a port in use: nothing started
     engine = make_engine(cfg.db)
     create_schema(engine, Base)
     peers = RpcPool(cfg, keep=4)        # merge reports to NASes, kept open between them
-    service = VmService(cfg, engine, node_drivers(cfg), notify=notifier(cfg, peers))
+    service = VmService(cfg, engine, node_drivers(cfg), notify=notifier(cfg, peers),
+                        metrics=metrics)
     service.initiator_name()  # fail at start, not at the first map, when the initiator is not set up
+    metrics.register(DeviceCollector(service))
     poolwait.wait_for_pools(cfg, engine, service.drivers.zfs, VmZvol.remotepool)
     service.recover()
     return Daemon(cfg, handlers.build(service), quick_actions=handlers.QUICK,
-                  background=[peers, service.sync])
+                  background=[peers, service.sync], metrics=metrics)
 
 
 cli = command_line(

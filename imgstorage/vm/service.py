@@ -21,8 +21,9 @@ from ..config import Config
 from ..drivers import NodeDrivers
 from ..drivers.base import ChapCredentials, SessionInfo
 from ..errors import BusyError, DriverError, ImgStorageError, NotFoundError, StateError
+from ..metrics import Metrics
 from .models import VmZvol
-from .states import IN_SERVICE, KEPT_STATES, PULLABLE, UNMAP_FROM, Event, State
+from .states import IN_SERVICE, KEPT_STATES, PHASES, PULLABLE, UNMAP_FROM, Event, State
 from .store import VmStore
 from .sync import ContainerSync, dm_name, merged, temp_name
 
@@ -59,12 +60,16 @@ class _ZvolLock:
 
 class VmService:
     def __init__(self, config: Config, engine: Engine, drivers: NodeDrivers,
-                 notify: Optional[Callable[[str, Dict], None]] = None):
+                 notify: Optional[Callable[[str, Dict], None]] = None,
+                 metrics: Optional[Metrics] = None):
         self.config = config
         self.engine = engine
         self.drivers = drivers
         self.notify = notify or (lambda node, message: None)
         self.store = VmStore(engine)
+        # the daemon's metrics (its endpoint's registry), or a registry of our own
+        self.metrics = metrics if metrics is not None else Metrics(config.name or "", "vm")
+        self.metrics.time_phases(self.store, PHASES)
         self._locks: Dict[str, _ZvolLock] = {}
         self._locks_guard = threading.Lock()
         self.sync = ContainerSync(self)

@@ -116,6 +116,14 @@ TRANSITIONS: Dict[Tuple[State, Event], Target] = {
 }
 
 
+# The phase of a zvol's life on this side the metrics time (imgstorage/metrics.py): the
+# transition that ends it, and the row's column saying when it began (None: when the
+# state left began): the kernel's merge of the VM's writes into the local copy.
+PHASES: Dict[Tuple[State, Event], Tuple[str, Optional[str]]] = {
+    (State.MERGING, Event.MERGED): ("merge", None),
+}
+
+
 @dataclass(frozen=True)
 class Kernel:
     """What the kernel of this host holds for a zvol in a state.
@@ -210,4 +218,4 @@ def next_state(current: str, event: Event, prior: Optional[str] = None) -> Optio
 
 __all__ = ["State", "Event", "Kernel", "KERNEL", "TRANSITIONS", "GONE", "PRIOR", "START",
            "UNMAP_FROM", "AT_RISK", "REBUILDABLE", "IN_SERVICE", "HOLDS_COPY", "HOLDS_TEMP",
-           "PULLABLE", "RECEIVING", "KEPT_STATES", "next_state"]
+           "PULLABLE", "RECEIVING", "KEPT_STATES", "PHASES", "next_state"]

@@ -118,7 +118,7 @@ def deliver(daemon: Daemon, body: dict, message_id: str) -> dict:
         if handler is None:
             daemon.dispatch(env, responder, None)
         else:
-            daemon._inflight += 1
+            daemon._inflight["work"] += 1
             daemon._run(handler, env, responder)
     assert cap.done == 1
     return cap.replies[0] if cap.replies else None
