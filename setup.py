@@ -15,6 +15,7 @@ setup(
         "click>=8.0",
         "rtslib-fb>=2.1",
         "tqdm>=4.60",       # the progress bar of commands on many VMs, on a terminal only
+        "rich>=13",         # watch=: the listing redrawn with transfer bars, on a terminal only
     ],
     extras_require={"test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6"]},
     # The service files, for an administrator to copy: the two LSB scripts and
