@@ -163,6 +163,8 @@ def list_host_storagemap(inv: Invocation) -> Optional[int]:
                 answers.append((nas, zvol_list(inv, nas)))
             except ImgStorageError as exc:
                 errors.append(str(exc))
+        if errors and not answers:
+            return watch.Frame(None, errors)     # no table, rather than an empty one
         return watch.Frame(storagemap.build(answers, time.time()), errors)
 
     title = "rocks list host storagemap " + " ".join(nases)

@@ -180,6 +180,17 @@ def test_a_nas_that_stops_answering_is_reported_and_asked_again(cluster, clock):
     assert "Traceback" not in res.stderr
 
 
+def test_one_nas_that_does_not_answer_leaves_the_others_listed(cluster, clock):
+    ok("add", "host", "nas-0-1", "appliance=nas")
+    cluster.rpc.expect("nas-0-0", {"action": "list_zvols"}, {"body": [_local("busy-vol", 9)]})
+    cluster.rpc.expect("nas-0-1", {"action": "list_zvols"}, error=RpcTimeout("nas-0-1", 7))
+    res = rocks("list", "host", "storagemap", "nas-0-0", "nas-0-1", "watch=2", "count=1")
+    assert res.exit_code == 1                  # the last refresh did not show everything
+    [table] = split_tables(res.stdout)
+    assert [line.split()[0] for line in table] == ["ZVOL", "busy-vol"]    # nas-0-0's
+    assert res.stderr == "error - node nas-0-1 did not answer within 7 s\n"
+
+
 def test_a_watch_that_ends_on_a_failure_says_so_in_its_status(cluster, clock):
     cluster.rpc.expect("nas-0-0", {"action": "list_zvols"}, error=RpcTimeout("nas-0-0", 7))
     res = rocks("list", "host", "storagemap", "nas-0-0", "watch=1", "count=1")
