@@ -138,8 +138,9 @@ def remove_host_storageimg(inv: Invocation) -> None:
                 "long the running copy has taken, PROGRESS its share of the estimated "
                 "stream size and RATE its current speed. SAFE, for a zvol that runs from a "
                 "container's copy, is how long ago the NAS last had every write of it (the "
-                "map, then each pull's snapshot): what would be lost if the container died "
-                "now; the JSON output carries recovery_point (epoch). NEXTSYNC is the next "
+                "map, then each pull's snapshot): the writes of that span are what a "
+                "container dying now would lose; the JSON output carries recovery_point "
+                "(epoch). NEXTSYNC is the next "
                 "periodic pull. ERROR is the last error of a zvol (with how many times in a "
                 "row it failed) and NEXT-RETRY the time left until the NAS tries again; the "
                 "JSON output carries the whole error, failures and retry_at (epoch).",
