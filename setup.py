@@ -16,6 +16,7 @@ setup(
         "rtslib-fb>=2.1",
         "tqdm>=4.60",       # the progress bar of commands on many VMs, on a terminal only
         "prometheus-client>=0.17",   # the daemons' metrics endpoint (metrics_port)
+        "rich>=13",         # watch=: the listing redrawn with transfer bars, on a terminal only
     ],
     extras_require={"test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6",
                          "PyYAML>=6"]},     # reads the shipped alert rules

@@ -43,11 +43,11 @@ from sqlalchemy.orm import Session
 
 from imgstorage import config as config_mod
 from imgstorage.config import Config
-from imgstorage.daemon import LOG_FORMAT
 from imgstorage.db import create_schema, make_engine
 from imgstorage.drivers import NodeDrivers, node_drivers
 from imgstorage.drivers.base import DmStatus, SessionInfo, TargetInfo
 from imgstorage.errors import ImgStorageError
+from imgstorage.logformat import formatter
 from imgstorage.nas import models as nas_models
 from imgstorage.nas.states import SYNC_ACTIVE, State
 from imgstorage.nas.store import NasStore
@@ -204,7 +204,7 @@ def audit_log(config: Config) -> logging.Logger:
             handler = logging.handlers.WatchedFileHandler(config.log_file)
         except OSError:
             return logger
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler.setFormatter(formatter(config.log_format, config.name))
         logger.addHandler(handler)
     return logger
 

@@ -30,7 +30,7 @@ KNOWN_KEYS = {
     "network", "default_pool", "img_sync_workers", "transport", "log_file",
     "admin_users", "chap", "timeout", "target", "stream_address", "stream_bind", "ssh_user",
     "pool_wait", "nas_users", "max_streams", "max_request_time", "broker_node", "sim_latency",
-    "request_workers", "metrics_port", "metrics_bind",
+    "request_workers", "metrics_port", "metrics_bind", "log_format",
 }
 
 
@@ -52,6 +52,7 @@ class Config:
     request_workers: int = 64             # requests a node works on at once
     transport: str = "ssh"
     log_file: Optional[str] = None
+    log_format: str = "text"               # "json": one object per line, for log shippers
     admin_users: Optional[List[str]] = None
     chap: bool = True
     timeout: float = 60.0
@@ -209,6 +210,10 @@ def _check(path: str, key: str, value: Any) -> Any:
         if key == "target":
             if value not in ("lio", "tgt"):
                 raise ValidationError('expected "lio" or "tgt"')
+            return value
+        if key == "log_format":
+            if value not in ("text", "json"):
+                raise ValidationError('expected "text" or "json"')
             return value
         if key == "transport":
             if value not in ("ssh", "tcp"):

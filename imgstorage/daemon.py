@@ -29,6 +29,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 from . import protocol
 from .config import Config
 from .errors import INTERNAL, UNKNOWN_ACTION, ForbiddenError, ImgStorageError, ValidationError
+from .logformat import formatter
 from .messaging import Consumer, Envelope, Responder
 from .metrics import DUPLICATE, EXPIRED, UNKNOWN, Metrics
 
@@ -38,10 +39,9 @@ Handler = Callable[[Envelope], Optional[dict]]
 
 QUICK_WORKERS = 16     # listings and pings: short, but some wait on the kernel too
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(threadName)s]: %(message)s"
-
 
 def setup_logging(config: Config, debug: bool = False, stream=None) -> None:
+    """Send the process's log to ``log_file`` (else standard error) in ``log_format``."""
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
@@ -51,7 +51,7 @@ def setup_logging(config: Config, debug: bool = False, stream=None) -> None:
         handler: logging.Handler = logging.handlers.WatchedFileHandler(config.log_file)
     else:
         handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(formatter(config.log_format, config.name))
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     logging.getLogger("pika").setLevel(logging.WARNING)
@@ -315,7 +315,8 @@ def command_line(program: str, summary: str, build: Callable[[Config], Daemon],
             log.error("%s cannot start: %s", program, exc)
             click.echo(f"{program}: {exc}", err=True)
             sys.exit(1)
-        log.info("%s %s starting (backend %s, database %s)", program, cfg.name, cfg.backend, cfg.db)
+        log.info("%s %s starting (backend %s, database %s)", program, cfg.name, cfg.backend, cfg.db,
+                 extra={"event": "start"})
         announce(cfg)
         sys.exit(daemon.serve())
 

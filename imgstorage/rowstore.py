@@ -89,12 +89,20 @@ class StateStore:
             row.state_since = time.time()
             return row, old, since
         row, old, since = self.write(change)
-        # logged once committed, and by the thread that asked (another may have run it)
+        # logged once committed, and by the thread that asked (another may have run it);
+        # the fields are for a JSON log (logformat.py), the text for a person
+        said = {"event": "transition", "zvol": zvol, "from": old,
+                "to": None if row is None else row.state, "on": event.value,
+                "seconds_in_from": round(since, 3)}
+        host = getattr(row, "remotehost", None)         # a NAS row: the container it serves
+        if host:
+            said["host"] = host
         if row is None:
-            log.info("zvol %s: %s -> (removed) on %s after %.1fs", zvol, old, event.value, since)
+            log.info("zvol %s: %s -> (removed) on %s after %.1fs", zvol, old, event.value, since,
+                     extra=said)
         else:
             log.info("zvol %s: %s -> %s on %s (%s%.1fs in %s)", zvol, old, row.state,
-                     event.value, self._where(row), since, old)
+                     event.value, self._where(row), since, old, extra=said)
         hook = self.on_transition
         if hook is not None:
             try:

@@ -73,15 +73,16 @@ class RocksCommand(click.Command):
             context_settings={"ignore_unknown_options": True,
                               "help_option_names": ["--help", "-h"]})
 
-    def _run(self, words: Tuple[str, ...]) -> None:
+    def _run(self, words: Tuple[str, ...]) -> Optional[int]:
         state = click.get_current_context().find_object(GlobalState) or GlobalState()
         inv = Invocation.parse(self.spec, state, words)
         ok = False
         try:
-            self.spec.handler(inv)
+            status = self.spec.handler(inv)
             ok = True
         finally:
             inv.finish(ok)
+        return status if isinstance(status, int) and not isinstance(status, bool) else None
 
     def collect_usage_pieces(self, ctx: click.Context) -> List[str]:
         return [self.spec.usage] if self.spec.usage else []

@@ -97,7 +97,8 @@ COMMON_PARAMS: Tuple[Param, ...] = (
 )
 COMMON_KEYS = frozenset(p.key for p in COMMON_PARAMS)
 
-Handler = Callable[["Invocation"], None]
+# A handler's return value, when it is a number, is the command's exit status.
+Handler = Callable[["Invocation"], Optional[int]]
 
 
 @dataclass
@@ -226,6 +227,7 @@ class Invocation:
     _reader: Optional[RegistryReader] = None
     _rpc: Any = None
     _hypervisor: Any = None
+    default_timeout: Optional[float] = None    # a command's own, below the configuration's
 
     @classmethod
     def parse(cls, spec: CommandSpec, state: GlobalState, words: Sequence[str]) -> "Invocation":
@@ -243,7 +245,9 @@ class Invocation:
     @property
     def timeout(self) -> float:
         text = self.params.get("timeout")
-        return self.config.timeout if text is None else parse_timeout(text)
+        if text is not None:
+            return parse_timeout(text)
+        return self.config.timeout if self.default_timeout is None else self.default_timeout
 
     # -- resources ---------------------------------------------------------
     @property

@@ -13,7 +13,7 @@ listen under that name.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from .. import naming, protocol
 from ..errors import ImgStorageError, ValidationError
@@ -22,7 +22,8 @@ from ..nas.states import SYNC_ACTIVE
 from ..rpcapi import Asking
 from ..vm.client import VmClient
 from .commands_base import Arg, Invocation, Param, bool_param, command, none_or
-from .tables import Table, countdown, elapsed, percent, rate, short_error, synced
+from . import storagemap
+from .tables import Table, elapsed, synced
 
 _NAS = Arg("NAS", "a registered NAS (appliance nas, or attribute img_storage_nas=true)")
 
@@ -128,54 +129,70 @@ def remove_host_storageimg(inv: Invocation) -> None:
 @command(
     "list host storagemap", "List the zvols of NAS servers and their state.",
     args=(Arg("NAS", "registered NAS servers", many=True),),
+    params=(Param("watch", "SECONDS", "show the listing again every SECONDS (at least 1) "
+                  "until Ctrl-C: redrawn in place with a progress bar per running transfer "
+                  "on a terminal, one table after a time line per interval otherwise"),
+            Param("count", "N", "with watch: end by itself after N tables")),
     description="STATE is unmapped, mapped, NAS->VM (copy to the host under way), NAS<-VM (final "
                 "copy back after unmap) or NAS<-VM sched (periodic copy back); TIME is how "
                 "long the running copy has taken, PROGRESS its share of the estimated "
-                "stream size and RATE its current speed. ERROR is the last error of a zvol "
-                "(with how many times in a row it failed) and NEXT-RETRY the time left until "
-                "the NAS tries again; the JSON output carries the whole error, failures and "
-                "retry_at (epoch).",
-    example="rocks list host storagemap nas-0-0")
-def list_host_storagemap(inv: Invocation) -> None:
-    rows, data = [], []
-    for nas in _nases(inv, inv.args["nas"]):
-        body = zvol_list(inv, nas)
-        now = time.time()
-        for row in body:
-            nextsync = row.get("nextsync") if row.get("lifecycle") in ("local", "pulling") else None
-            rows.append([nas, row.get("zvol"), row.get("remotehost"), row.get("zpool"),
-                         row.get("iscsi_target"), row.get("state"), elapsed(row.get("time"), now),
-                         percent(row.get("progress")), rate(row.get("rate")),
-                         _when(nextsync), short_error(row.get("error"), row.get("failures")),
-                         countdown(row.get("retry_at"), now)])
-            data.append({"error": row.get("error"), "failures": row.get("failures") or 0,
-                         "retry_at": row.get("retry_at")})
-    # The seed's columns always; a transfer's figures while one runs; the next
-    # periodic sync while a zvol runs from a container's copy; the last error
-    # and the next retry while a zvol has them.
-    moving = any(r[7] or r[8] for r in rows)
-    extra = [i for i, used in ((7, moving), (8, moving), (9, any(r[9] for r in rows)),
-                               (10, any(r[10] for r in rows)),
-                               (11, any(r[11] for r in rows))) if used]
-    headers = ["NAS", "ZVOL", "HOST", "ZPOOL", "TARGET", "STATE", "TIME", "PROGRESS", "RATE",
-               "NEXTSYNC", "ERROR", "NEXT-RETRY"]
-    failing = 10 in extra or 11 in extra       # JSON: the raw figures beside them, then
-    table = Table(headers[:7] + [headers[i] for i in extra])
-    for r, d in zip(rows, data):
-        table.add(*(r[:7] + [r[i] for i in extra]), data=d if failing else None)
-    inv.table(table)
+                "stream size and RATE its current speed. SAFE, for a zvol that runs from a "
+                "container's copy, is how long ago the NAS last had every write of it (the "
+                "map, then each pull's snapshot): the writes of that span are what a "
+                "container dying now would lose; the JSON output carries recovery_point "
+                "(epoch). NEXTSYNC is the next "
+                "periodic pull. ERROR is the last error of a zvol (with how many times in a "
+                "row it failed) and NEXT-RETRY the time left until the NAS tries again; the "
+                "JSON output carries the whole error, failures and retry_at (epoch).",
+    example="rocks list host storagemap nas-0-0\n"
+            "rocks list host storagemap nas-0-0 watch=5")
+def list_host_storagemap(inv: Invocation) -> Optional[int]:
+    seconds, count = _watch_params(inv)        # a bad value fails before anything is asked
+    nases = _nases(inv, inv.args["nas"])
+    if seconds is None:
+        answers = [(nas, zvol_list(inv, nas)) for nas in nases]
+        inv.table(storagemap.build(answers, time.time()).table)
+        return None
+    from . import watch
+    if "timeout" not in inv.params:
+        inv.default_timeout = watch.refresh_timeout(seconds, inv.config.timeout)
+
+    def fetch() -> "watch.Frame":
+        answers, errors = [], []
+        for nas in nases:
+            try:
+                answers.append((nas, zvol_list(inv, nas)))
+            except ImgStorageError as exc:
+                errors.append(str(exc))
+        if errors and not answers:
+            return watch.Frame(None, errors)     # no table, rather than an empty one
+        return watch.Frame(storagemap.build(answers, time.time()), errors)
+
+    title = "rocks list host storagemap " + " ".join(nases)
+    return watch.watch(fetch, seconds, count, inv.output, title)
+
+
+def _watch_params(inv: Invocation) -> Tuple[Optional[float], Optional[int]]:
+    """``watch=`` and ``count=``, checked; (None, None) for a listing shown once."""
+    seconds = count = None
+    if inv.param("watch") is None and inv.param("count") is None:
+        return seconds, count
+    from . import watch
+    if inv.param("watch") is not None:
+        seconds = watch.parse_seconds(inv.param("watch"))
+        if inv.output.format == "json":
+            raise ValidationError("watch= shows tables: it cannot be used with "
+                                  "output-format=json")
+    if inv.param("count") is not None:
+        if seconds is None:
+            raise ValidationError("count= ends a watch: it needs watch=SECONDS")
+        count = watch.parse_count(inv.param("count"))
+    return seconds, count
 
 
 def zvol_list(inv: Invocation, nas: str) -> List[Dict[str, Any]]:
     """Every zvol of ``nas``, page after page when the NAS sends its listing in pages."""
     return nas_client(inv, nas).list_zvols()
-
-
-def _when(epoch: Any) -> Optional[str]:
-    """A next-sync time as the original printed it: ``Tue 14:05.09``."""
-    if not isinstance(epoch, (int, float)) or isinstance(epoch, bool):
-        return None
-    return time.strftime("%a %H:%M.%S", time.localtime(epoch))
 
 
 @command(

@@ -165,6 +165,28 @@ def elapsed(start: Any, now: float) -> Optional[str]:
     return str(timedelta(seconds=max(0, seconds)))
 
 
+def age(epoch: Any, now: float) -> Optional[str]:
+    """How long ago an epoch was: ``h:mm:ss``, and ``2d 3:04:05`` past a day; None when
+    there is none.
+
+    The SAFE column is read at a glance, and ``timedelta``'s ``2 days,
+    3:04:05`` is twice as wide as it needs to be.  A time ahead of ``now``
+    (the NAS's clock ahead of the frontend's) counts as ``0:00:00``.
+    """
+    if not isinstance(epoch, (int, float)) or isinstance(epoch, bool) or not math.isfinite(epoch):
+        return None
+    return duration(now - epoch)
+
+
+def duration(seconds: float) -> str:
+    """Whole seconds as ``h:mm:ss``, with the days in front (``2d 3:04:05``) past a day."""
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    clock = f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+    return f"{days}d {clock}" if days else clock
+
+
 def countdown(epoch: Any, now: float) -> Optional[str]:
     """``h:mm:ss`` until an epoch (``0:00:00`` once it is due); None when there is none."""
     if not isinstance(epoch, (int, float)) or isinstance(epoch, bool):

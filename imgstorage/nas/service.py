@@ -472,6 +472,7 @@ class NasService:
                 "time": (job.started if job else since) if moving else None,
                 "progress": job.progress.percent() if job else None,
                 "rate": job.progress.rate() if job else None,
+                "eta": job.progress.eta() if job else None,
                 "nextsync": nextsync, "frequency": frequency,
                 "lock": ({"action": lock_action, "since": lock_since}
                          if lock_action is not None else None),

@@ -19,7 +19,7 @@ from imgstorage.frontend.registry import Registry
 
 HEAVY = ("sqlalchemy", "imgstorage.frontend.registry", "imgstorage.frontend.commands_vm",
          "imgstorage.frontend.commands_hosts", "imgstorage.frontend.commands_broker",
-         "imgstorage.drivers")
+         "imgstorage.drivers", "rich", "tqdm")
 
 LISTING = textwrap.dedent("""
     import json, sys
@@ -37,7 +37,7 @@ LISTING = textwrap.dedent("""
     before = sorted(m for m in sys.modules if m.split(".")[0] in ("sqlalchemy", "pika"))
     commands_base.RpcClient = Broker
     try:
-        cli.main(["list", "host", "storagemap", "nas-0-0"])
+        cli.main(["list", "host", "storagemap", "nas-0-0"] + sys.argv[1:])
     except SystemExit as exc:
         code = exc.code
     loaded = [m for m in %r if m in sys.modules]
@@ -45,17 +45,17 @@ LISTING = textwrap.dedent("""
 """ % (HEAVY,))
 
 
-def run_listing(tmp_path) -> dict:
+def run_listing(tmp_path, *words: str) -> dict:
     db = str(tmp_path / "frontend.db")
     with Registry(db) as r:
         r.add_host("nas-0-0", "nas")
     conf = tmp_path / "imgstorage.conf"
     conf.write_text(json.dumps({"frontend_db": db}))
     env = dict(os.environ, IMGSTORAGE_CONF=str(conf))
-    proc = subprocess.run([sys.executable, "-c", LISTING], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", LISTING, *words], env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    *table, last = proc.stdout.splitlines()
+    *table, last = [line for line in proc.stdout.splitlines() if not line.startswith("--- ")]
     assert table[0].split()[:2] == ["ZVOL", "HOST"] and table[1].split()[0] == "vol1"
     return json.loads(last)
 
@@ -64,6 +64,12 @@ def test_the_storagemap_listing_imports_no_sqlalchemy_nor_other_commands(tmp_pat
     result = run_listing(tmp_path)
     assert result["code"] == 0
     assert result["before"] == []          # importing the CLI loads neither ORM nor broker
+    assert result["loaded"] == []
+
+
+def test_a_watch_into_a_pipe_imports_no_terminal_library(tmp_path):
+    result = run_listing(tmp_path, "watch=1", "count=1")
+    assert result["code"] == 0
     assert result["loaded"] == []
 
 

@@ -28,7 +28,7 @@ def test_env_var_names_the_file(tmp_path, monkeypatch):
     ("name", "bad/name"), ("backend", "zfs"), ("transport", "ftp"), ("img_sync_workers", 0),
     ("broker_url", "http://x"), ("chap", "perhaps"), ("admin_users", "root"),
     ("default_pool", "../etc"), ("timeout", -1), ("target", "iet"), ("request_workers", 0),
-    ("request_workers", 2000),
+    ("request_workers", 2000), ("log_format", "xml"), ("log_format", "JSON"), ("log_format", 1),
 ])
 def test_invalid_key_is_named(tmp_path, key, value):
     with pytest.raises(ConfigError) as exc:
