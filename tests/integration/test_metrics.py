@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from typing import Dict, FrozenSet, Tuple
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from ..promtool import find_promtool
 from .conftest import ok, registered_cluster
 from .sync_helpers import (FAST, MIB, NAS, diagnose, nas_row, set_zvolattr, storagemap,
                            sync_map, unmap, wait_until, write)
@@ -210,9 +210,9 @@ def test_the_endpoints_follow_a_sync_vm_through_its_life(metered, ports):
 
 
 def test_promtool_finds_nothing_to_say_about_what_each_daemon_serves(metered, ports):
-    promtool = shutil.which("promtool")
+    promtool = find_promtool()
     assert promtool, ("promtool not found: `scripts/bootstrap --test` (which scripts/test runs) "
-                      "installs it with Debian's prometheus package")
+                      "takes it out of Debian's prometheus package into the virtualenv")
     for node, port in ports.items():
         proc = subprocess.run([promtool, "check", "metrics"], input=text_of(port).encode(),
                               capture_output=True, timeout=120)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import socket
 import subprocess
 import urllib.request
@@ -19,6 +18,7 @@ from typing import Dict, Iterator, List, Set
 import pytest
 import yaml
 
+from ..promtool import find_promtool
 from .metrics_sample import family_names, nas_metrics, sample_names, vm_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,9 +60,9 @@ def exported(tmp_path_factory) -> Dict[str, Set[str]]:
 
 
 def promtool() -> str:
-    found = shutil.which("promtool")
+    found = find_promtool()
     assert found, ("promtool not found: `scripts/bootstrap --test` (which scripts/test runs) "
-                   "installs it with Debian's prometheus package")
+                   "takes it out of Debian's prometheus package into the virtualenv")
     return found
 
 
