@@ -19,7 +19,6 @@ One NAS and two VM containers on the simulated kernel.  Printed:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -30,31 +29,11 @@ from typing import Dict, List, Optional
 import common
 from common import NAS, POOL
 
-from imgstorage.db import make_engine
-from imgstorage.drivers import node_drivers
 from imgstorage.messaging import RpcClient
 from imgstorage.nas.client import NasClient
-from imgstorage.nas.store import NasStore
 
 CONTAINERS = ("vm-container-0-1", "vm-container-0-2")
 MODEL = {"zfs": 0.2, "target": 0.2, "iscsi": 0.5, "dm": 0.05}
-
-
-def add_zvols(bench: common.BenchCluster, start: int, stop: int) -> None:
-    """Unmapped zvols, made with the NAS's own calls as its map makes them before it maps."""
-    cfg = common.from_dict(json.loads(bench.c.config_path(NAS).read_text()))
-    zfs, store = node_drivers(cfg).zfs, NasStore(make_engine(cfg.db))
-    for i in range(start, stop):
-        zfs.create_zvol(POOL, f"listed-{i:05d}", common.GiB, sparse=True)
-        store.add(f"listed-{i:05d}", POOL, common.GiB)
-
-
-def per_second(fn, seconds: float) -> float:
-    done, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        fn()
-        done += 1
-    return done / (time.perf_counter() - started)
 
 
 def cycles(bench: common.BenchCluster, callers: int, seconds: float,
@@ -133,11 +112,11 @@ def main() -> None:
             common.cluster("control", work, containers=CONTAINERS) as bench:
         have = 0
         for count in (20, 50):
-            add_zvols(bench, have, count)
+            common.add_unmapped_zvols(bench, "listed", have, count)
             have = count
             reply = bench.request(NAS, {"action": "list_zvols"})
             assert len(reply["body"]) == count
-            rps = per_second(lambda: bench.request(NAS, {"action": "list_zvols"}),
+            rps = common.per_second(lambda: bench.request(NAS, {"action": "list_zvols"}),
                              args.seconds)
             print(f"list_zvols, {count} zvols: {rps:7.1f} round trips/s from one caller")
         rocks = [sys.executable, "-c", "from imgstorage.frontend.cli import main; main()",

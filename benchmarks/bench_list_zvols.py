@@ -15,32 +15,12 @@ rescan every zvol at each creation).  For each size it prints:
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import common
-from common import NAS, POOL
+from common import NAS
 
 from imgstorage import protocol
-from imgstorage.db import make_engine
-from imgstorage.drivers import node_drivers
-from imgstorage.nas.store import NasStore
-
-
-def add_zvols(bench: common.BenchCluster, start: int, stop: int) -> None:
-    cfg = common.from_dict(json.loads(bench.c.config_path(NAS).read_text()))
-    zfs, store = node_drivers(cfg).zfs, NasStore(make_engine(cfg.db))
-    for i in range(start, stop):
-        zfs.create_zvol(POOL, f"bench-list-{i:05d}", common.GiB, sparse=True)
-        store.add(f"bench-list-{i:05d}", POOL, common.GiB)
-
-
-def per_second(fn, seconds: float) -> float:
-    done, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        fn()
-        done += 1
-    return done / (time.perf_counter() - started)
 
 
 def walk(bench: common.BenchCluster, limit: int) -> int:
@@ -64,13 +44,13 @@ def main() -> None:
     with common.scratch("bench-list") as work, common.cluster("list", work) as bench:
         have = 0
         for count in (50, 1000):
-            add_zvols(bench, have, count)
+            common.add_unmapped_zvols(bench, "bench-list", have, count)
             have = count
             reply = bench.request(NAS, {"action": "list_zvols"})
             assert len(reply["body"]) == count
             size = len(protocol.encode(reply))
-            rps = per_second(lambda: bench.request(NAS, {"action": "list_zvols"}), args.seconds)
-            paged = per_second(lambda: walk(bench, 200), args.seconds)
+            rps = common.per_second(lambda: bench.request(NAS, {"action": "list_zvols"}), args.seconds)
+            paged = common.per_second(lambda: walk(bench, 200), args.seconds)
             started = time.perf_counter()
             lines = bench.rocks("list", "host", "storagemap", NAS).splitlines()
             cli = time.perf_counter() - started

@@ -20,7 +20,6 @@ import urllib.request
 from typing import List
 
 import common
-from bench_control_plane import add_zvols
 from common import NAS, POOL
 
 CONTAINERS = ("vm-container-0-1", "vm-container-0-2")
@@ -68,7 +67,7 @@ def main() -> None:
     with common.scratch("metrics") as work, \
             common.cluster("metrics", work, containers=CONTAINERS,
                            node_settings={NAS: {"metrics_port": port}}) as bench:
-        add_zvols(bench, 0, args.zvols - args.mapped)
+        common.add_unmapped_zvols(bench, "listed", 0, args.zvols - args.mapped)
         measure(bench, port, args.scrapes, f"{args.zvols - args.mapped} zvols")
         mapped = [f"synced-{n:03d}" for n in range(args.mapped)]
         for n, zvol in enumerate(mapped):

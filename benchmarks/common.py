@@ -228,6 +228,28 @@ def _vhost_name(tag: str) -> str:
     return f"imgstorage-bench-{tag}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
+def per_second(fn: Callable[[], object], seconds: float) -> float:
+    """How many times a second ``fn`` ran, one call after another, for ``seconds``."""
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        fn()
+        done += 1
+    return done / (time.perf_counter() - started)
+
+
+def add_unmapped_zvols(bench: "BenchCluster", prefix: str, start: int, stop: int) -> None:
+    """Unmapped zvols ``<prefix>-<n>`` on the NAS, made with the NAS's own calls as its map
+    makes them before it maps (a benchmark needs many, a map each would take minutes)."""
+    from imgstorage.db import make_engine
+    from imgstorage.drivers import node_drivers
+    from imgstorage.nas.store import NasStore
+    cfg = from_dict(json.loads(bench.c.config_path(NAS).read_text()))
+    zfs, store = node_drivers(cfg).zfs, NasStore(make_engine(cfg.db))
+    for i in range(start, stop):
+        zfs.create_zvol(POOL, f"{prefix}-{i:05d}", GiB, sparse=True)
+        store.add(f"{prefix}-{i:05d}", POOL, GiB)
+
+
 class BenchCluster:
     """A started SimCluster with the NAS and the container registered, and an RPC client."""
 
