@@ -111,8 +111,11 @@ def test_the_endpoints_follow_a_sync_vm_through_its_life(metered, ports):
     mapped_at = time.time()
     dev = sync_map(c, zvol, host)
     sent["map_zvol"] += 1
+    # (a phase is observed once its transition is committed, a moment after a scrape
+    # may already see the state it led to: waited for together)
     local = wait_scrape(nas_port, f"{zvol} local on the NAS", lambda s: get(
-        s, "imgstorage_zvol_state", zvol=zvol, state="local", host=host) == 1, c, zvol)
+        s, "imgstorage_zvol_state", zvol=zvol, state="local", host=host) == 1 and
+        phases(s).get("map_to_local", 0) > phases(nas0).get("map_to_local", 0), c, zvol)
     assert grown(phases(nas0), phases(local)) == {"map": 1, "copy": 1, "map_to_local": 1}
     vm_local = wait_scrape(vm_port, "the merge timed on the container", lambda s: phases(
         s).get("merge", 0) == phases(vm0).get("merge", 0) + 1, c, zvol)
@@ -156,10 +159,13 @@ def test_the_endpoints_follow_a_sync_vm_through_its_life(metered, ports):
                 s, "imgstorage_zvol_transfer_bytes", zvol=zvol, kind="pull") > first or
                 not present(s, "imgstorage_zvol_transfer_bytes", zvol=zvol, kind="pull"),
                 c, zvol)
+        # the last pull's time is recorded just after the transition back to local
         after = wait_scrape(nas_port, f"pull {n} of {zvol}", lambda s: phases(s)["pull"] ==
                             phases(before)["pull"] + 1 and get(
                                 s, "imgstorage_zvol_state", zvol=zvol, state="local",
-                                host=host) == 1, c, zvol)
+                                host=host) == 1 and get(
+                                s, "imgstorage_zvol_last_pull_timestamp_seconds",
+                                zvol=zvol) > pulled_at[-1], c, zvol)
         assert grown(phases(before), phases(after)) == {"pull": 1}
         point = get(after, "imgstorage_zvol_recovery_point_timestamp_seconds", zvol=zvol)
         assert point > points[-1], (n, points, point)
@@ -195,8 +201,10 @@ def test_the_endpoints_follow_a_sync_vm_through_its_life(metered, ports):
     expected[("zvol_synced", "success")] = 1
     assert nas_requests == expected
     # the container's: the NAS's requests for this zvol (and its merge checks)
+    # (a request is counted once its handler returned, a moment after its effect shows)
     vm_home = wait_scrape(vm_port, "the container's copy destroyed", lambda s: not present(
-        s, "imgstorage_device_state", zvol=zvol, state="local", status="linear"), c, zvol)
+        s, "imgstorage_device_state", zvol=zvol, state="local", status="linear") and grown(
+        requests(vm0), requests(s)).get(("del_local", "success"), 0) == 1, c, zvol)
     vm_requests = grown(requests(vm0), requests(vm_home))
     assert all(outcome == "success" for _action, outcome in vm_requests), vm_requests
     counted = {action: n for (action, _outcome), n in vm_requests.items()}
