@@ -25,6 +25,7 @@ Usage: build_image.py [--print-dir] [--force]
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
 import os
@@ -155,9 +156,12 @@ def resolve_kernel(work: Path) -> str:
 
 def python_requirements() -> list:
     """The project's install_requires, less rtslib-fb (the guest has Debian's)."""
-    text = (PROJECT / "setup.py").read_text()
-    m = re.search(r"install_requires\s*=\s*\[(.*?)\]", text, re.S)
-    reqs = re.findall(r"[\"']([^\"']+)[\"']", m.group(1)) if m else []
+    reqs: list = []
+    for node in ast.walk(ast.parse((PROJECT / "setup.py").read_text())):
+        if isinstance(node, ast.keyword) and node.arg == "install_requires":
+            reqs = ast.literal_eval(node.value)     # comments and quotes in them are no matter
+    if not reqs:
+        sys.exit("setup.py names no install_requires")
     return [r for r in reqs if not r.lower().startswith("rtslib")]
 
 
