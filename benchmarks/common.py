@@ -250,6 +250,16 @@ def add_unmapped_zvols(bench: "BenchCluster", prefix: str, start: int, stop: int
         store.add(f"{prefix}-{i:05d}", POOL, GiB)
 
 
+def listing_rate(bench: "BenchCluster", prefix: str, have: int, count: int,
+                 seconds: float) -> Tuple[Dict, float]:
+    """Grow the NAS from ``have`` to ``count`` unmapped zvols; its whole listing then, and
+    how many ``list_zvols`` round trips one caller makes a second."""
+    add_unmapped_zvols(bench, prefix, have, count)
+    reply = bench.request(NAS, {"action": "list_zvols"})
+    assert len(reply["body"]) == count
+    return reply, per_second(lambda: bench.request(NAS, {"action": "list_zvols"}), seconds)
+
+
 class BenchCluster:
     """A started SimCluster with the NAS and the container registered, and an RPC client."""
 
